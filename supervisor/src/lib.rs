@@ -1,0 +1,8 @@
+//! zerolease: a host-side supervisor that runs AI coding agents in disposable
+//! VMs and hands them only time-bounded, domain-scoped credential leases.
+//!
+//! The binary in `main.rs` only parses arguments and maps the result to an
+//! exit code; everything else lives here so tests can call it directly. See
+//! `ARCHITECTURE.md` for the code map.
+
+pub mod domain;
