@@ -83,8 +83,12 @@ fn migrations() -> Vec<String> {
 /// function that delivers its result once the commit outcome is known.
 type Completion = Box<dyn FnOnce(Result<(), VaultError>) + Send>;
 
+/// Runs a job in its savepoint: whether to keep its writes, and how to
+/// deliver its result.
+type RunJob = Box<dyn FnOnce(&Connection, &mut Vec<AuditRecord>) -> (bool, Completion) + Send>;
+
 struct Job {
-    run: Box<dyn FnOnce(&Connection, &mut Vec<AuditRecord>) -> (bool, Completion) + Send>,
+    run: RunJob,
     abort: Box<dyn FnOnce(VaultError) + Send>,
 }
 
