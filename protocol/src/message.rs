@@ -1,0 +1,803 @@
+//! The messages exchanged over the control channel, split by direction.
+//!
+//! **Invariants:**
+//! - Both directions are closed enums. JSON payloads are tagged by `type`
+//!   (snake_case); unknown types and unknown fields are rejected, never
+//!   ignored. Variants without data are written as empty struct variants so
+//!   that `deny_unknown_fields` applies to them too.
+//! - [`Message::decode`] and [`Message::encode`] both run
+//!   [`Message::validate`]: a handler never sees a message that breaks a field
+//!   constraint, and a sender never emits one.
+//! - Every field that can carry a credential is a [`SecretString`] or
+//!   [`SecretBytes`], so `Debug` of any message is safe to log. Errors from
+//!   decoding never quote the input.
+//!
+//! Flow (guest → host on the left, host → guest on the right):
+//!
+//! ```text
+//! Hello                  →
+//!                        ←  Welcome | Reject
+//!                        ←  Provision
+//! Provisioned | ProvisionFailed →
+//! Started                →
+//! CredentialRequest      →        (any number, while running)
+//!                        ←  CredentialResponse
+//! Output                 →        (any number)
+//!                        ←  UpdateSecrets → SecretsUpdated | UpdateSecretsFailed
+//!                        ←  Revoke        → Revoked
+//! Exited                 →
+//!                        ←  Shutdown
+//! ```
+
+use std::collections::HashSet;
+use std::fmt;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::frame::ZeroizingBuf;
+use crate::secret::{Bytes, SecretBytes, SecretString};
+
+/// A protocol version. Peers interoperate iff their major versions match;
+/// a minor bump only adds optional behaviour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProtocolVersion {
+    /// Incompatible changes bump this.
+    pub major: u16,
+    /// Compatible additions bump this.
+    pub minor: u16,
+}
+
+/// The version this crate speaks.
+pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 0 };
+
+impl ProtocolVersion {
+    /// Whether a peer speaking `peer` can talk to us.
+    pub fn is_compatible_with(self, peer: ProtocolVersion) -> bool {
+        self.major == peer.major
+    }
+}
+
+impl fmt::Display for ProtocolVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)
+    }
+}
+
+/// Why the version handshake failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandshakeError {
+    /// The major versions differ.
+    #[error(
+        "the peer speaks protocol {peer} and this side speaks {local}; \
+         rebuild the guest image with a matching zerolease-guest"
+    )]
+    VersionMismatch {
+        /// Our version.
+        local: ProtocolVersion,
+        /// The peer's version.
+        peer: ProtocolVersion,
+    },
+    /// The host refused the guest.
+    #[error("the host rejected the guest: {reason}")]
+    Rejected {
+        /// The host's reason.
+        reason: String,
+    },
+    /// The first message was not part of the handshake.
+    #[error("expected {expected} as the first message, got {got}")]
+    Unexpected {
+        /// The message type that was expected.
+        expected: &'static str,
+        /// The message type that arrived.
+        got: &'static str,
+    },
+}
+
+/// Checks that `peer` can talk to `local` (major versions match).
+pub fn check_versions(local: ProtocolVersion, peer: ProtocolVersion) -> Result<(), HandshakeError> {
+    if local.is_compatible_with(peer) {
+        Ok(())
+    } else {
+        Err(HandshakeError::VersionMismatch { local, peer })
+    }
+}
+
+/// Host side: checks the guest's first message and returns the guest's
+/// version, or the error to report in a [`HostMessage::Reject`].
+pub fn accept_hello(
+    local: ProtocolVersion,
+    first: &GuestMessage,
+) -> Result<ProtocolVersion, HandshakeError> {
+    match first {
+        GuestMessage::Hello {
+            protocol_version, ..
+        } => check_versions(local, *protocol_version).map(|()| *protocol_version),
+        other => Err(HandshakeError::Unexpected {
+            expected: "hello",
+            got: other.kind(),
+        }),
+    }
+}
+
+/// Host side: the answer to the guest's first message.
+pub fn answer_hello(local: ProtocolVersion, first: &GuestMessage) -> HostMessage {
+    match accept_hello(local, first) {
+        Ok(_) => HostMessage::Welcome {
+            protocol_version: local,
+        },
+        Err(err) => HostMessage::Reject {
+            reason: err.to_string(),
+        },
+    }
+}
+
+/// Guest side: checks the host's answer to `Hello` and returns the host's
+/// version.
+pub fn check_welcome(
+    local: ProtocolVersion,
+    answer: &HostMessage,
+) -> Result<ProtocolVersion, HandshakeError> {
+    match answer {
+        HostMessage::Welcome { protocol_version } => {
+            check_versions(local, *protocol_version).map(|()| *protocol_version)
+        }
+        HostMessage::Reject { reason } => Err(HandshakeError::Rejected {
+            reason: reason.clone(),
+        }),
+        other => Err(HandshakeError::Unexpected {
+            expected: "welcome",
+            got: other.kind(),
+        }),
+    }
+}
+
+/// Messages from the guest agent to the supervisor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum GuestMessage {
+    /// First message on the channel; legal only once, before anything else.
+    Hello {
+        /// The protocol version the agent speaks.
+        protocol_version: ProtocolVersion,
+        /// The agent's build version (free text, printable ASCII).
+        agent_version: String,
+    },
+    /// Answer to `Provision`: everything was written.
+    Provisioned {},
+    /// Answer to `Provision`: nothing should be considered written.
+    ProvisionFailed {
+        /// What went wrong (no secret values).
+        reason: String,
+    },
+    /// The agent command was started; legal after `Provisioned`.
+    Started {
+        /// Its process id in the guest.
+        pid: u32,
+    },
+    /// The git credential helper in the guest asks for a credential; legal
+    /// while running. Answered by a `CredentialResponse` with the same `id`.
+    CredentialRequest {
+        /// Chosen by the guest, unique among its outstanding requests.
+        id: u64,
+        /// URL scheme, as git sends it (`https`).
+        protocol: String,
+        /// Host (and optional `:port`), as git sends it.
+        host: String,
+        /// Repository path, if git sends it.
+        path: Option<String>,
+    },
+    /// Output of the agent command; legal after `Started`.
+    Output {
+        /// Which stream it came from.
+        stream: OutputStream,
+        /// The bytes, exactly as read.
+        data: Bytes,
+    },
+    /// The agent command ended; legal after `Started`, once.
+    Exited {
+        /// Exit code, if it exited normally.
+        code: Option<i32>,
+        /// Signal number, if it was killed by one.
+        signal: Option<i32>,
+    },
+    /// Answer to `UpdateSecrets`: the new values are in place.
+    SecretsUpdated {},
+    /// Answer to `UpdateSecrets`.
+    UpdateSecretsFailed {
+        /// What went wrong (no secret values).
+        reason: String,
+    },
+    /// Answer to `Revoke`: the agent's processes are gone (and files
+    /// scrubbed if asked).
+    Revoked {},
+}
+
+/// Messages from the supervisor to the guest agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum HostMessage {
+    /// Answer to a compatible `Hello`.
+    Welcome {
+        /// The protocol version the host speaks.
+        protocol_version: ProtocolVersion,
+    },
+    /// Answer to an incompatible or unexpected first message; the host closes
+    /// the channel after sending it.
+    Reject {
+        /// Why (no secret values).
+        reason: String,
+    },
+    /// Set up the agent and run its command; legal once, after `Welcome`.
+    Provision(Box<Provision>),
+    /// Answer to a `CredentialRequest` with the same `id`.
+    CredentialResponse {
+        /// The request's id.
+        id: u64,
+        /// Whether the credential was granted.
+        outcome: CredentialOutcome,
+    },
+    /// Replace provisioned secrets (rotation); legal after `Provisioned`.
+    UpdateSecrets {
+        /// Secret environment variables to replace, by name.
+        env: Vec<SecretEnvVar>,
+        /// Files to replace, by path.
+        files: Vec<FileSpec>,
+    },
+    /// Kill the agent's processes and, if `scrub`, wipe provisioned files.
+    Revoke {
+        /// Whether to overwrite and remove provisioned files.
+        scrub: bool,
+    },
+    /// Power off the guest.
+    Shutdown {},
+}
+
+/// What the guest needs to run the agent. Boxed in [`HostMessage`] to keep
+/// the enum small.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Provision {
+    /// Secret environment variables for the agent.
+    pub env: Vec<SecretEnvVar>,
+    /// Non-secret environment variables for the agent.
+    pub env_plain: Vec<PlainEnvVar>,
+    /// Files to write under the agent's home.
+    pub files: Vec<FileSpec>,
+    /// Extra CA certificates (PEM) to trust.
+    pub ca_certs: Vec<String>,
+    /// The proxy the agent must use.
+    pub proxy: ProxySettings,
+    /// Hosts for which the guest's git credential helper asks the host.
+    pub git_credential_hosts: Vec<String>,
+    /// The agent command and its arguments.
+    pub command: Vec<String>,
+    /// Absolute working directory in the guest.
+    pub workdir: String,
+    /// The unprivileged user to run as (never `root`).
+    pub user: String,
+}
+
+/// A secret environment variable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretEnvVar {
+    /// `[A-Za-z_][A-Za-z0-9_]*`
+    pub name: String,
+    /// The value (no NUL).
+    pub value: SecretString,
+}
+
+/// A non-secret environment variable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlainEnvVar {
+    /// `[A-Za-z_][A-Za-z0-9_]*`
+    pub name: String,
+    /// The value (no NUL).
+    pub value: String,
+}
+
+/// A file to write in the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSpec {
+    /// Relative to the agent's home; no `..`, `.` or empty components.
+    pub path: String,
+    /// The contents.
+    pub contents: SecretBytes,
+    /// Permission bits, at most `0o777`.
+    pub mode: u32,
+}
+
+/// Proxy settings exported to the agent's environment.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxySettings {
+    /// `http_proxy` URL.
+    pub http_proxy: Option<String>,
+    /// `https_proxy` URL.
+    pub https_proxy: Option<String>,
+    /// `no_proxy` entries.
+    pub no_proxy: Vec<String>,
+}
+
+/// The host's decision on a credential request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case", deny_unknown_fields)]
+pub enum CredentialOutcome {
+    /// The lease covers the request.
+    Granted {
+        /// Username for git.
+        username: String,
+        /// Password or token for git.
+        password: SecretString,
+    },
+    /// No lease covers the request.
+    Denied {
+        /// Why (no secret values).
+        reason: String,
+    },
+}
+
+/// Which output stream of the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputStream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// A field constraint a message breaks. Never carries a secret value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValidationError {
+    /// An environment variable name is not `[A-Za-z_][A-Za-z0-9_]*`.
+    #[error("environment variable name {name:?} must match [A-Za-z_][A-Za-z0-9_]*")]
+    EnvName {
+        /// The name.
+        name: String,
+    },
+    /// An environment variable is given twice.
+    #[error("environment variable {name:?} is given more than once")]
+    DuplicateEnv {
+        /// The name.
+        name: String,
+    },
+    /// A file path breaks a rule.
+    #[error("file path {path:?} {reason}")]
+    FilePath {
+        /// The path.
+        path: String,
+        /// The rule it breaks.
+        reason: &'static str,
+    },
+    /// A file is given twice.
+    #[error("file {path:?} is given more than once")]
+    DuplicateFile {
+        /// The path.
+        path: String,
+    },
+    /// A file mode has bits above `0o777`.
+    #[error("file {path:?} has mode {mode:#o}; only permission bits (at most 0o777) are allowed")]
+    FileMode {
+        /// The path.
+        path: String,
+        /// The mode.
+        mode: u32,
+    },
+    /// Another field breaks a rule. The value is not quoted: it may be secret.
+    #[error("field `{field}` {reason}")]
+    Field {
+        /// The field.
+        field: &'static str,
+        /// The rule it breaks.
+        reason: &'static str,
+    },
+}
+
+/// Why a payload did not decode into a message.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// Not JSON, or not one of the known messages. serde_json's own message is
+    /// deliberately dropped: it can quote input values, which may be secret.
+    #[error("malformed message: {kind}")]
+    Malformed {
+        /// What kind of problem (syntax, unknown type or field, wrong type).
+        kind: &'static str,
+    },
+    /// A known message that breaks a field constraint.
+    #[error("invalid message")]
+    Invalid(#[from] ValidationError),
+}
+
+/// Why a message could not be encoded.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    /// The message breaks a field constraint; nothing was sent.
+    #[error("refusing to send an invalid message")]
+    Invalid(#[from] ValidationError),
+    /// Serialisation failed (only for values JSON cannot represent).
+    #[error("could not serialise a message")]
+    Serialize(#[source] serde_json::Error),
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for super::GuestMessage {}
+    impl Sealed for super::HostMessage {}
+}
+
+/// A message of either direction. Sealed: only [`GuestMessage`] and
+/// [`HostMessage`].
+pub trait Message: Serialize + DeserializeOwned + sealed::Sealed {
+    /// Checks the field constraints.
+    fn validate(&self) -> Result<(), ValidationError>;
+
+    /// The `type` tag, for error messages.
+    fn kind(&self) -> &'static str;
+
+    /// Parses and validates one payload.
+    fn decode(payload: &[u8]) -> Result<Self, DecodeError> {
+        let message: Self = serde_json::from_slice(payload).map_err(|err| {
+            let kind = match err.classify() {
+                serde_json::error::Category::Syntax => "not valid JSON",
+                serde_json::error::Category::Eof => "incomplete JSON",
+                serde_json::error::Category::Data => {
+                    "unknown message type or field, or a field of the wrong type"
+                }
+                serde_json::error::Category::Io => "I/O error",
+            };
+            DecodeError::Malformed { kind }
+        })?;
+        message.validate()?;
+        Ok(message)
+    }
+
+    /// Validates and serialises into a buffer that is zeroized on drop.
+    fn encode(&self) -> Result<Zeroizing<Vec<u8>>, EncodeError> {
+        self.validate()?;
+        let mut buf = ZeroizingBuf::with_capacity(512);
+        serde_json::to_writer(&mut buf, self).map_err(EncodeError::Serialize)?;
+        Ok(buf.into_inner())
+    }
+}
+
+impl Message for GuestMessage {
+    fn validate(&self) -> Result<(), ValidationError> {
+        match self {
+            Self::Hello { agent_version, .. } => {
+                check_text("agent_version", agent_version, 64)?;
+                if agent_version.is_empty() {
+                    return Err(field("agent_version", "is empty"));
+                }
+                Ok(())
+            }
+            Self::Provisioned {} | Self::SecretsUpdated {} | Self::Revoked {} => Ok(()),
+            Self::ProvisionFailed { reason } | Self::UpdateSecretsFailed { reason } => {
+                check_text("reason", reason, MAX_REASON_LEN)
+            }
+            Self::Started { pid } => {
+                if *pid == 0 {
+                    return Err(field("pid", "is 0"));
+                }
+                Ok(())
+            }
+            Self::CredentialRequest {
+                protocol,
+                host,
+                path,
+                ..
+            } => {
+                check_url_scheme(protocol)?;
+                check_credential_host("host", host)?;
+                if let Some(path) = path {
+                    check_text("path", path, MAX_PATH_LEN)?;
+                }
+                Ok(())
+            }
+            Self::Output { .. } => Ok(()),
+            Self::Exited { code, signal } => match (code, signal) {
+                (Some(_), None) => Ok(()),
+                (None, Some(1..=64)) => Ok(()),
+                (None, Some(_)) => Err(field("signal", "is not a signal number (1-64)")),
+                _ => Err(field("code", "must be set exactly when signal is not")),
+            },
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Hello { .. } => "hello",
+            Self::Provisioned {} => "provisioned",
+            Self::ProvisionFailed { .. } => "provision_failed",
+            Self::Started { .. } => "started",
+            Self::CredentialRequest { .. } => "credential_request",
+            Self::Output { .. } => "output",
+            Self::Exited { .. } => "exited",
+            Self::SecretsUpdated {} => "secrets_updated",
+            Self::UpdateSecretsFailed { .. } => "update_secrets_failed",
+            Self::Revoked {} => "revoked",
+        }
+    }
+}
+
+impl GuestMessage {
+    /// The `type` tag, for error messages.
+    pub fn kind(&self) -> &'static str {
+        Message::kind(self)
+    }
+}
+
+impl Message for HostMessage {
+    fn validate(&self) -> Result<(), ValidationError> {
+        match self {
+            Self::Welcome { .. } | Self::Revoke { .. } | Self::Shutdown {} => Ok(()),
+            Self::Reject { reason } => check_text("reason", reason, MAX_REASON_LEN),
+            Self::Provision(provision) => provision.validate(),
+            Self::CredentialResponse { outcome, .. } => match outcome {
+                CredentialOutcome::Granted { username, password } => {
+                    check_text("username", username, 256)?;
+                    // git's credential protocol is line-based: a line break
+                    // would let the value inject attributes.
+                    if password.expose_secret().chars().any(char::is_control) {
+                        return Err(field("password", "contains a control character"));
+                    }
+                    Ok(())
+                }
+                CredentialOutcome::Denied { reason } => {
+                    check_text("reason", reason, MAX_REASON_LEN)
+                }
+            },
+            Self::UpdateSecrets { env, files } => {
+                check_env(env.iter().map(|var| var.name.as_str()))?;
+                check_secret_env_values(env)?;
+                check_files(files)
+            }
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Welcome { .. } => "welcome",
+            Self::Reject { .. } => "reject",
+            Self::Provision(_) => "provision",
+            Self::CredentialResponse { .. } => "credential_response",
+            Self::UpdateSecrets { .. } => "update_secrets",
+            Self::Revoke { .. } => "revoke",
+            Self::Shutdown {} => "shutdown",
+        }
+    }
+}
+
+impl HostMessage {
+    /// The `type` tag, for error messages.
+    pub fn kind(&self) -> &'static str {
+        Message::kind(self)
+    }
+}
+
+impl Provision {
+    /// Checks the field constraints (see the field docs).
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        check_env(
+            self.env
+                .iter()
+                .map(|var| var.name.as_str())
+                .chain(self.env_plain.iter().map(|var| var.name.as_str())),
+        )?;
+        check_secret_env_values(&self.env)?;
+        for var in &self.env_plain {
+            if var.value.contains('\0') {
+                return Err(field("env_plain.value", "contains NUL"));
+            }
+        }
+        check_files(&self.files)?;
+        for pem in &self.ca_certs {
+            if !pem.trim_start().starts_with("-----BEGIN CERTIFICATE-----") {
+                return Err(field("ca_certs", "is not a PEM certificate"));
+            }
+            if pem.contains('\0') || pem.len() > MAX_PEM_LEN {
+                return Err(field("ca_certs", "contains NUL or is too long"));
+            }
+        }
+        self.proxy.validate()?;
+        for host in &self.git_credential_hosts {
+            check_credential_host("git_credential_hosts", host)?;
+        }
+        match self.command.first() {
+            None => return Err(field("command", "is empty")),
+            Some(program) if program.is_empty() => {
+                return Err(field("command", "has an empty program name"));
+            }
+            Some(_) => {}
+        }
+        if self.command.iter().any(|arg| arg.contains('\0')) {
+            return Err(field("command", "contains NUL"));
+        }
+        if !self.workdir.starts_with('/')
+            || self.workdir.contains('\0')
+            || self.workdir.split('/').any(|part| part == "..")
+        {
+            return Err(field(
+                "workdir",
+                "must be an absolute path without `..` or NUL",
+            ));
+        }
+        check_user(&self.user)
+    }
+}
+
+impl ProxySettings {
+    /// Checks that no value could break the environment file it goes into.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        for url in [&self.http_proxy, &self.https_proxy].into_iter().flatten() {
+            if url.is_empty() || url.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                return Err(field(
+                    "proxy",
+                    "has an empty URL or one with whitespace or control characters",
+                ));
+            }
+        }
+        for entry in &self.no_proxy {
+            if entry.is_empty()
+                || entry
+                    .chars()
+                    .any(|c| c.is_control() || c.is_whitespace() || c == ',')
+            {
+                return Err(field(
+                    "proxy.no_proxy",
+                    "has an empty entry or one with whitespace, commas or control characters",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+const MAX_REASON_LEN: usize = 4096;
+const MAX_PATH_LEN: usize = 4096;
+const MAX_PEM_LEN: usize = 64 * 1024;
+
+fn field(field: &'static str, reason: &'static str) -> ValidationError {
+    ValidationError::Field { field, reason }
+}
+
+/// Free text that ends up in logs: bounded, no control characters.
+fn check_text(name: &'static str, text: &str, max: usize) -> Result<(), ValidationError> {
+    if text.len() > max {
+        return Err(field(name, "is too long"));
+    }
+    if text.chars().any(char::is_control) {
+        return Err(field(name, "contains a control character"));
+    }
+    Ok(())
+}
+
+/// Whether `name` matches `[A-Za-z_][A-Za-z0-9_]*`.
+pub fn is_valid_env_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    matches!(bytes.next(), Some(b'A'..=b'Z' | b'a'..=b'z' | b'_'))
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+fn check_env<'a>(names: impl Iterator<Item = &'a str>) -> Result<(), ValidationError> {
+    let mut seen = HashSet::new();
+    for name in names {
+        if !is_valid_env_name(name) {
+            return Err(ValidationError::EnvName {
+                name: name.to_owned(),
+            });
+        }
+        if !seen.insert(name) {
+            return Err(ValidationError::DuplicateEnv {
+                name: name.to_owned(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn check_secret_env_values(env: &[SecretEnvVar]) -> Result<(), ValidationError> {
+    if env
+        .iter()
+        .any(|var| var.value.expose_secret().contains('\0'))
+    {
+        return Err(field("env.value", "contains NUL"));
+    }
+    Ok(())
+}
+
+/// Checks a path relative to the agent's home: non-empty, not absolute, no
+/// `.`/`..`/empty components, no NUL, bounded.
+pub fn check_relative_path(path: &str) -> Result<(), ValidationError> {
+    let reason = if path.is_empty() {
+        Some("is empty")
+    } else if path.len() > MAX_PATH_LEN {
+        Some("is too long")
+    } else if path.contains('\0') {
+        Some("contains NUL")
+    } else if path.starts_with('/') {
+        Some("must be relative to the agent's home")
+    } else if path.split('/').any(|part| part == "..") {
+        Some("must not contain `..`")
+    } else if path.split('/').any(|part| part.is_empty() || part == ".") {
+        Some("must not contain empty or `.` components")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(ValidationError::FilePath {
+            path: path.to_owned(),
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
+
+fn check_files(files: &[FileSpec]) -> Result<(), ValidationError> {
+    let mut seen = HashSet::new();
+    for file in files {
+        check_relative_path(&file.path)?;
+        if file.mode > 0o777 {
+            return Err(ValidationError::FileMode {
+                path: file.path.clone(),
+                mode: file.mode,
+            });
+        }
+        if !seen.insert(file.path.as_str()) {
+            return Err(ValidationError::DuplicateFile {
+                path: file.path.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A host as git's credential protocol carries it: non-empty, bounded, no
+/// control characters (so no CR, LF or NUL), no `=`, no whitespace.
+pub fn check_credential_host(name: &'static str, host: &str) -> Result<(), ValidationError> {
+    if host.is_empty() || host.len() > 261 {
+        return Err(field(name, "is empty or too long"));
+    }
+    if host
+        .chars()
+        .any(|c| c.is_control() || c.is_whitespace() || c == '=')
+    {
+        return Err(field(
+            name,
+            "contains a control character, whitespace or `=`",
+        ));
+    }
+    Ok(())
+}
+
+fn check_url_scheme(scheme: &str) -> Result<(), ValidationError> {
+    let mut bytes = scheme.bytes();
+    let ok = scheme.len() <= 32
+        && matches!(bytes.next(), Some(b'a'..=b'z'))
+        && bytes.all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'+' | b'-' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(field("protocol", "is not a lowercase URL scheme"))
+    }
+}
+
+/// A POSIX-portable user name that is not `root`.
+fn check_user(user: &str) -> Result<(), ValidationError> {
+    let mut bytes = user.bytes();
+    let portable = user.len() <= 32
+        && matches!(bytes.next(), Some(b'a'..=b'z' | b'_'))
+        && bytes.all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-'));
+    if !portable {
+        return Err(field("user", "must match [a-z_][a-z0-9_-]{0,31}"));
+    }
+    if user == "root" {
+        return Err(field("user", "must be an unprivileged user, not root"));
+    }
+    Ok(())
+}
