@@ -801,3 +801,382 @@ fn check_user(user: &str) -> Result<(), ValidationError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn provision() -> Provision {
+        Provision {
+            env: vec![SecretEnvVar {
+                name: "GITHUB_TOKEN".into(),
+                value: SecretString::new("ghp_x".into()),
+            }],
+            env_plain: vec![PlainEnvVar {
+                name: "LANG".into(),
+                value: "C.UTF-8".into(),
+            }],
+            files: vec![FileSpec {
+                path: ".config/gh/hosts.yml".into(),
+                contents: SecretBytes::new(b"token: x\n".to_vec()),
+                mode: 0o600,
+            }],
+            ca_certs: vec!["-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into()],
+            proxy: ProxySettings {
+                http_proxy: Some("http://10.213.0.1:3128".into()),
+                https_proxy: Some("http://10.213.0.1:3128".into()),
+                no_proxy: vec!["localhost".into(), "127.0.0.1".into()],
+            },
+            git_credential_hosts: vec!["github.com".into()],
+            command: vec!["claude".into(), "--print".into()],
+            workdir: "/home/agent/work".into(),
+            user: "agent".into(),
+        }
+    }
+
+    #[test]
+    fn sample_provision_is_valid() {
+        HostMessage::Provision(Box::new(provision()))
+            .validate()
+            .unwrap();
+    }
+
+    #[test]
+    fn provision_constraints() {
+        type Edit = fn(&mut Provision);
+        let cases: &[(&str, Edit)] = &[
+            ("env name digit first", |p| p.env[0].name = "1X".into()),
+            ("env name empty", |p| p.env[0].name = String::new()),
+            ("env name with =", |p| p.env[0].name = "A=B".into()),
+            ("env name unicode", |p| p.env[0].name = "ÄB".into()),
+            ("env name dash", |p| p.env_plain[0].name = "A-B".into()),
+            ("duplicate env across kinds", |p| {
+                p.env_plain[0].name = "GITHUB_TOKEN".into()
+            }),
+            ("NUL in secret env", |p| {
+                p.env[0].value = SecretString::new("a\0b".into())
+            }),
+            ("NUL in plain env", |p| p.env_plain[0].value = "a\0".into()),
+            ("absolute file", |p| p.files[0].path = "/etc/passwd".into()),
+            ("dotdot file", |p| p.files[0].path = "a/../../etc".into()),
+            ("dotdot alone", |p| p.files[0].path = "..".into()),
+            ("dot component", |p| p.files[0].path = "./a".into()),
+            ("empty component", |p| p.files[0].path = "a//b".into()),
+            ("trailing slash", |p| p.files[0].path = "a/".into()),
+            ("empty path", |p| p.files[0].path = String::new()),
+            ("NUL path", |p| p.files[0].path = "a\0b".into()),
+            ("setuid mode", |p| p.files[0].mode = 0o4755),
+            ("duplicate file", |p| {
+                let again = p.files[0].clone();
+                p.files.push(again);
+            }),
+            ("not a PEM", |p| p.ca_certs[0] = "hello".into()),
+            ("proxy with newline", |p| {
+                p.proxy.https_proxy = Some("http://x\nEVIL=1".into())
+            }),
+            ("no_proxy with comma", |p| {
+                p.proxy.no_proxy[0] = "a,b".into()
+            }),
+            ("credential host with =", |p| {
+                p.git_credential_hosts[0] = "a=b".into()
+            }),
+            ("credential host with LF", |p| {
+                p.git_credential_hosts[0] = "a\nhost=b".into()
+            }),
+            ("credential host with CR", |p| {
+                p.git_credential_hosts[0] = "a\r".into()
+            }),
+            ("credential host with NUL", |p| {
+                p.git_credential_hosts[0] = "a\0".into()
+            }),
+            ("empty command", |p| p.command.clear()),
+            ("empty program", |p| p.command[0] = String::new()),
+            ("NUL argument", |p| p.command.push("a\0b".into())),
+            ("relative workdir", |p| p.workdir = "work".into()),
+            ("dotdot workdir", |p| p.workdir = "/home/../root".into()),
+            ("root user", |p| p.user = "root".into()),
+            ("user with slash", |p| p.user = "../x".into()),
+            ("uppercase user", |p| p.user = "Agent".into()),
+        ];
+        for (name, edit) in cases {
+            let mut p = provision();
+            edit(&mut p);
+            assert!(p.validate().is_err(), "{name} should be rejected");
+        }
+    }
+
+    #[test]
+    fn accepted_edge_values() {
+        let mut p = provision();
+        p.env[0].name = "_".into();
+        p.env_plain[0].name = "a1_B2".into();
+        p.files[0].path = "a/.hidden/..x/b..".into();
+        p.files[0].mode = 0o777;
+        p.proxy = ProxySettings::default();
+        p.git_credential_hosts = vec!["git.example.com:8443".into()];
+        p.env[0].value = SecretString::new("quote\"nl\n$(x)`y`".into());
+        p.validate().unwrap();
+    }
+
+    #[test]
+    fn guest_constraints() {
+        let request =
+            |protocol: &str, host: &str, path: Option<&str>| GuestMessage::CredentialRequest {
+                id: 1,
+                protocol: protocol.into(),
+                host: host.into(),
+                path: path.map(Into::into),
+            };
+        let cases = [
+            (request("https", "github.com", None), true),
+            (request("https", "github.com:443", Some("o/r.git")), true),
+            (request("git+ssh", "h", None), true),
+            (request("HTTPS", "github.com", None), false),
+            (request("", "github.com", None), false),
+            (request("https\n", "github.com", None), false),
+            (request("https", "", None), false),
+            (request("https", "a=b", None), false),
+            (request("https", "a\nb", None), false),
+            (request("https", "a b", None), false),
+            (request("https", "h", Some("a\nhost=evil")), false),
+            (request("https", "h", Some("a\0")), false),
+            (
+                GuestMessage::Exited {
+                    code: Some(0),
+                    signal: None,
+                },
+                true,
+            ),
+            (
+                GuestMessage::Exited {
+                    code: None,
+                    signal: Some(9),
+                },
+                true,
+            ),
+            (
+                GuestMessage::Exited {
+                    code: None,
+                    signal: None,
+                },
+                false,
+            ),
+            (
+                GuestMessage::Exited {
+                    code: Some(1),
+                    signal: Some(9),
+                },
+                false,
+            ),
+            (
+                GuestMessage::Exited {
+                    code: None,
+                    signal: Some(0),
+                },
+                false,
+            ),
+            (GuestMessage::Started { pid: 0 }, false),
+            (GuestMessage::Started { pid: 1 }, true),
+            (
+                GuestMessage::ProvisionFailed {
+                    reason: "disk full".into(),
+                },
+                true,
+            ),
+            (
+                GuestMessage::ProvisionFailed {
+                    reason: "forged\nlog line".into(),
+                },
+                false,
+            ),
+            (
+                GuestMessage::Hello {
+                    protocol_version: PROTOCOL_VERSION,
+                    agent_version: String::new(),
+                },
+                false,
+            ),
+        ];
+        for (message, valid) in cases {
+            assert_eq!(message.validate().is_ok(), valid, "{message:?}");
+        }
+    }
+
+    #[test]
+    fn granted_password_cannot_inject_credential_lines() {
+        for (password, valid) in [
+            ("ghp_abc", true),
+            ("with space\"quote'$(x)", true),
+            ("a\nusername=evil", false),
+            ("a\r", false),
+            ("a\0", false),
+        ] {
+            let message = HostMessage::CredentialResponse {
+                id: 7,
+                outcome: CredentialOutcome::Granted {
+                    username: "x-access-token".into(),
+                    password: SecretString::new(password.into()),
+                },
+            };
+            assert_eq!(message.validate().is_ok(), valid, "{password:?}");
+            if let Err(err) = message.validate() {
+                assert!(!err.to_string().contains("evil"));
+            }
+        }
+    }
+
+    #[test]
+    fn decode_rejects_unknown_and_malformed() {
+        let cases: &[&[u8]] = &[
+            b"",
+            b"not json",
+            b"{",
+            b"[]",
+            b"null",
+            b"{}",
+            br#"{"type":"hello"}"#,
+            br#"{"type":"nope"}"#,
+            br#"{"type":"Hello","protocol_version":{"major":1,"minor":0},"agent_version":"x"}"#,
+            br#"{"type":"hello","protocol_version":{"major":1,"minor":0},"agent_version":"x","extra":1}"#,
+            br#"{"type":"hello","protocol_version":{"major":1,"minor":0,"patch":0},"agent_version":"x"}"#,
+            br#"{"type":"provisioned","extra":true}"#,
+            br#"{"type":"started","pid":-1}"#,
+            br#"{"type":"started","pid":"1"}"#,
+            br#"{"type":"output","stream":"stdin","data":""}"#,
+            br#"{"type":"output","stream":"stdout","data":"!!"}"#,
+            br#"{"type":"started","pid":1} trailing"#,
+            b"\xff\xfe",
+        ];
+        for case in cases {
+            assert!(
+                GuestMessage::decode(case).is_err(),
+                "{}",
+                String::from_utf8_lossy(case)
+            );
+        }
+        let ok =
+            br#"{"type":"hello","protocol_version":{"major":1,"minor":0},"agent_version":"x"}"#;
+        assert_eq!(GuestMessage::decode(ok).unwrap().kind(), "hello");
+        // A host message is not a guest message, and vice versa.
+        assert!(GuestMessage::decode(br#"{"type":"shutdown"}"#).is_err());
+        assert!(HostMessage::decode(br#"{"type":"provisioned"}"#).is_err());
+        assert!(HostMessage::decode(br#"{"type":"shutdown","now":true}"#).is_err());
+        assert_eq!(
+            HostMessage::decode(br#"{"type":"shutdown"}"#).unwrap(),
+            HostMessage::Shutdown {}
+        );
+    }
+
+    #[test]
+    fn unknown_field_in_nested_structs_is_rejected() {
+        let good = HostMessage::Provision(Box::new(provision()))
+            .encode()
+            .unwrap();
+        let text = std::str::from_utf8(&good).unwrap();
+        HostMessage::decode(text.as_bytes()).unwrap();
+        for (from, to) in [
+            ("\"mode\":384", "\"mode\":384,\"owner\":0"),
+            ("\"no_proxy\":[", "\"ftp_proxy\":null,\"no_proxy\":["),
+            ("\"user\":\"agent\"", "\"user\":\"agent\",\"uid\":0"),
+            ("\"name\":\"LANG\"", "\"name\":\"LANG\",\"export\":true"),
+        ] {
+            assert!(text.contains(from), "{from}");
+            let bad = text.replacen(from, to, 1);
+            assert!(HostMessage::decode(bad.as_bytes()).is_err(), "{to}");
+        }
+        let denied = br#"{"type":"credential_response","id":1,"outcome":{"result":"denied","reason":"r","extra":1}}"#;
+        assert!(HostMessage::decode(denied).is_err());
+    }
+
+    #[test]
+    fn decode_errors_do_not_quote_secrets() {
+        // A secret in a field of the wrong type, and in an unknown field.
+        let cases: &[&[u8]] = &[
+            br#"{"type":"credential_response","id":1,"outcome":{"result":"granted","username":"u","password":"CANARY!"}}"#,
+            br#"{"type":"credential_response","id":1,"outcome":{"result":"denied","reason":5,"CANARY":"CANARY"}}"#,
+            br#"{"type":"revoke","scrub":"CANARY"}"#,
+            br#"{"type":"CANARY"}"#,
+        ];
+        for case in cases {
+            let err = HostMessage::decode(case).unwrap_err();
+            assert!(!format!("{err} {err:?}").contains("CANARY"), "{err:?}");
+        }
+    }
+
+    #[test]
+    fn encode_refuses_invalid_messages() {
+        let mut p = provision();
+        p.user = "root".into();
+        assert!(matches!(
+            HostMessage::Provision(Box::new(p)).encode(),
+            Err(EncodeError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn handshake() {
+        let v = |major, minor| ProtocolVersion { major, minor };
+        let hello = |version| GuestMessage::Hello {
+            protocol_version: version,
+            agent_version: "0.1.0".into(),
+        };
+        // (host version, guest version, accepted)
+        let cases = [
+            (v(1, 0), v(1, 0), true),
+            (v(1, 0), v(1, 7), true),
+            (v(1, 3), v(1, 0), true),
+            (v(1, 0), v(2, 0), false),
+            (v(2, 0), v(1, 9), false),
+            (v(0, 1), v(0, 2), true),
+        ];
+        for (host, guest, accepted) in cases {
+            let answer = answer_hello(host, &hello(guest));
+            match (&answer, accepted) {
+                (HostMessage::Welcome { protocol_version }, true) => {
+                    assert_eq!(*protocol_version, host);
+                    assert_eq!(check_welcome(guest, &answer), Ok(host));
+                }
+                (HostMessage::Reject { reason }, false) => {
+                    assert!(reason.contains(&guest.to_string()), "{reason}");
+                    answer.validate().unwrap();
+                    assert!(matches!(
+                        check_welcome(guest, &answer),
+                        Err(HandshakeError::Rejected { .. })
+                    ));
+                }
+                _ => panic!("{host} vs {guest}: {answer:?}"),
+            }
+            assert_eq!(accept_hello(host, &hello(guest)).is_ok(), accepted);
+        }
+        // The guest also refuses a welcome from an incompatible host.
+        assert_eq!(
+            check_welcome(
+                v(1, 0),
+                &HostMessage::Welcome {
+                    protocol_version: v(2, 0)
+                }
+            ),
+            Err(HandshakeError::VersionMismatch {
+                local: v(1, 0),
+                peer: v(2, 0)
+            })
+        );
+        // Anything but hello first is refused, and anything but
+        // welcome/reject as the answer.
+        assert_eq!(
+            accept_hello(PROTOCOL_VERSION, &GuestMessage::Provisioned {}),
+            Err(HandshakeError::Unexpected {
+                expected: "hello",
+                got: "provisioned"
+            })
+        );
+        assert!(matches!(
+            answer_hello(PROTOCOL_VERSION, &GuestMessage::Revoked {}),
+            HostMessage::Reject { .. }
+        ));
+        assert!(matches!(
+            check_welcome(PROTOCOL_VERSION, &HostMessage::Shutdown {}),
+            Err(HandshakeError::Unexpected { .. })
+        ));
+    }
+}
