@@ -287,6 +287,22 @@ proptest! {
         let _ = HostMessage::decode(payload.as_bytes());
     }
 
+    /// What decodes re-encodes to the same value (the fuzz target's
+    /// property), starting from near-valid JSON.
+    #[test]
+    fn decoded_messages_re_encode_equal(message in host_message(), cut in 0usize..64, junk in "[ ,:{}\"a-z0-9]{0,4}") {
+        let encoded = message.encode().unwrap();
+        let mut text = String::from_utf8(encoded.to_vec()).unwrap();
+        let at = text.len().saturating_sub(cut);
+        if text.is_char_boundary(at) {
+            text.insert_str(at, &junk);
+        }
+        if let Ok(decoded) = HostMessage::decode(text.as_bytes()) {
+            let again = HostMessage::decode(&decoded.encode().unwrap()).unwrap();
+            prop_assert_eq!(again, decoded);
+        }
+    }
+
     #[test]
     fn secret_bytes_round_trip_exactly(bytes in vec(any::<u8>(), 0..1024)) {
         let message = HostMessage::UpdateSecrets {
