@@ -141,7 +141,9 @@ impl<R: Read> FrameReader<R> {
     }
 
     /// Reads one frame and decodes and validates the message in it. The
-    /// payload buffer is zeroized before this returns.
+    /// payload buffer is zeroized before this returns. A
+    /// [`ReadError::Decode`] consumed exactly one whole frame, so the stream
+    /// stays in step; whether to go on is the caller's policy.
     pub fn read_message<M: Message>(&mut self) -> Result<M, ReadError> {
         let payload = self.read_frame()?;
         Ok(M::decode(&payload)?)

@@ -162,7 +162,8 @@ pub enum GuestMessage {
     Hello {
         /// The protocol version the agent speaks.
         protocol_version: ProtocolVersion,
-        /// The agent's build version (free text, printable ASCII).
+        /// The agent's build version (free text, at most 64 bytes, no control
+        /// characters).
         agent_version: String,
     },
     /// Answer to `Provision`: everything was written.
@@ -1045,6 +1046,12 @@ mod tests {
             br#"{"type":"output","stream":"stdin","data":""}"#,
             br#"{"type":"output","stream":"stdout","data":"!!"}"#,
             br#"{"type":"started","pid":1} trailing"#,
+            br#"{"type":"started","pid":1,"pid":2}"#,
+            br#"{"type":"started","type":"revoked","pid":1}"#,
+            br#"{"type":"revoked","type":"revoked"}"#,
+            br#"{"type":"started","pid":1.0}"#,
+            br#"{"type":"started","pid":4294967296}"#,
+            br#"{"type":"output","stream":"stdout","data":"YQ"}"#,
             b"\xff\xfe",
         ];
         for case in cases {
