@@ -11,13 +11,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use zeroize::Zeroizing;
 use zerolease::clock::SystemClock;
 use zerolease::domain::HostName;
 use zerolease::home::StateDir;
 use zerolease::vault::{
     AgentPattern, GrantSpec, LeaseAsk, LeaseRequest, NewSecret, SecretValue, Vault, VaultConfig,
 };
-use zeroize::Zeroizing;
 
 const RUN_FOR: Duration = Duration::from_secs(3);
 const CONCURRENCY: usize = 32;
@@ -158,7 +158,9 @@ fn main() {
             );
         }
     } else {
-        println!("vault: one op = lease grant (policy + insert + audit) and one access (use + decrypt + audit), durable (WAL, synchronous=FULL)");
+        println!(
+            "vault: one op = lease grant (policy + insert + audit) and one access (use + decrypt + audit), durable (WAL, synchronous=FULL)"
+        );
         println!(
             "{:<34} {:>12} {:>8} {:>22} {:>12} {:>8}",
             "metric", "value", "unit", "baseline", "value", "ratio"

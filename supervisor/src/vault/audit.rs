@@ -14,6 +14,8 @@
 use std::fmt;
 
 use rusqlite::{Connection, OptionalExtension, params};
+
+use super::store::CachedExt;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -233,7 +235,7 @@ pub fn append(conn: &Connection, r: &AuditRecord) -> rusqlite::Result<StoredReco
         None => (1, GENESIS),
     };
     let hash = record_hash(seq, &prev, r);
-    conn.execute(
+    conn.exec_cached(
         "INSERT INTO audit (seq, ts_ms, event, outcome, agent, session, secret, lease, domain, detail, prev_hash, hash)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
         params![
@@ -253,7 +255,7 @@ pub fn append(conn: &Connection, r: &AuditRecord) -> rusqlite::Result<StoredReco
     )?;
     let mut head = seq.to_be_bytes().to_vec();
     head.extend_from_slice(&hash);
-    conn.execute(
+    conn.exec_cached(
         "INSERT INTO meta (key, value) VALUES (?1, ?2)
          ON CONFLICT(key) DO UPDATE SET value = excluded.value",
         params![HEAD_KEY, head],
@@ -303,7 +305,7 @@ pub fn list(conn: &Connection, f: &AuditFilter) -> rusqlite::Result<Vec<StoredRe
          WHERE (?1 IS NULL OR session = ?1) AND (?2 IS NULL OR ts_ms >= ?2)
          ORDER BY seq DESC LIMIT ?3"
     );
-    let mut stmt = conn.prepare(&sql)?;
+    let mut stmt = conn.prepare_cached(&sql)?;
     let limit = f.limit.map(|l| l as i64).unwrap_or(-1);
     let since = f.since.map(|t| t.as_millis() as i64);
     let mut rows = stmt
@@ -376,7 +378,7 @@ impl VerifyReport {
 
 /// Walks the whole chain and reports every break it finds.
 pub fn verify(conn: &Connection) -> rusqlite::Result<VerifyReport> {
-    let mut stmt = conn.prepare(&format!("SELECT {COLUMNS} FROM audit ORDER BY seq"))?;
+    let mut stmt = conn.prepare_cached(&format!("SELECT {COLUMNS} FROM audit ORDER BY seq"))?;
     let mut rows = stmt.query([])?;
     let mut problems = Vec::new();
     let mut records = 0u64;

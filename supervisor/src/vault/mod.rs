@@ -36,7 +36,7 @@ pub use keysource::{EnvKeys, KeyError, KeySource, KeySourceKind, KeyringBackend}
 pub use lease::{Lease, LeaseId, LeaseRefusal, LeaseStatus};
 pub use policy::{AgentPattern, Grant, GrantSpec, LeaseAsk, PolicyDenial, PolicyDocument};
 pub use secret::SecretValue;
-use store::{Store, db_error, try_append};
+use store::{CachedExt, Store, db_error, try_append};
 
 /// Largest secret value accepted.
 pub const MAX_SECRET_LEN: usize = 64 * 1024;
@@ -261,7 +261,7 @@ struct Meta {
 
 fn read_meta(conn: &Connection) -> rusqlite::Result<Option<Meta>> {
     let get = |k: &str| -> rusqlite::Result<Option<Vec<u8>>> {
-        conn.query_row("SELECT value FROM meta WHERE key = ?1", [k], |r| r.get(0))
+        conn.row_cached("SELECT value FROM meta WHERE key = ?1", [k], |r| r.get(0))
             .optional()
     };
     let (Some(id), Some(dek), Some(src)) = (
@@ -285,7 +285,7 @@ fn read_meta(conn: &Connection) -> rusqlite::Result<Option<Meta>> {
 }
 
 fn write_meta(conn: &Connection, key: &str, value: &[u8]) -> rusqlite::Result<()> {
-    conn.execute(
+    conn.exec_cached(
         "INSERT INTO meta (key, value) VALUES (?1, ?2)
          ON CONFLICT(key) DO UPDATE SET value = excluded.value",
         params![key, value],
@@ -359,7 +359,7 @@ fn lease_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Lease> {
 }
 
 fn load_lease(conn: &Connection, id: &str) -> Result<Lease, VaultError> {
-    conn.query_row(
+    conn.row_cached(
         &format!("SELECT {LEASE_COLUMNS} FROM leases WHERE id = ?1"),
         [id],
         lease_from_row,
@@ -404,7 +404,7 @@ struct SecretRow {
 }
 
 fn load_secret(conn: &Connection, name: &str) -> Result<SecretRow, VaultError> {
-    conn.query_row(
+    conn.row_cached(
         "SELECT id, name, kind, description, version, domains, created_ms, updated_ms, nonce, ciphertext
          FROM secrets WHERE name = ?1",
         [name],
@@ -437,7 +437,7 @@ fn load_secret(conn: &Connection, name: &str) -> Result<SecretRow, VaultError> {
 fn record_expiries(conn: &Connection, now: Timestamp) -> Result<Vec<LeaseId>, VaultError> {
     let due: Vec<Lease> = {
         let mut stmt = conn
-            .prepare(&format!(
+            .prepare_cached(&format!(
                 "SELECT {LEASE_COLUMNS} FROM leases
                  WHERE revoked_ms IS NULL AND expiry_recorded = 0 AND expires_ms <= ?1"
             ))
@@ -447,7 +447,7 @@ fn record_expiries(conn: &Connection, now: Timestamp) -> Result<Vec<LeaseId>, Va
             .map_err(db_error("find expired leases"))?
     };
     for l in &due {
-        conn.execute(
+        conn.exec_cached(
             "UPDATE leases SET expiry_recorded = 1 WHERE id = ?1",
             [&l.id.0],
         )
@@ -568,7 +568,7 @@ impl Vault {
                 return Err(VaultError::SecretExists(spec.name));
             }
             let w = db_error("store a secret");
-            conn.execute(
+            conn.exec_cached(
                 "INSERT INTO secrets (name, kind, description, version, domains, nonce, ciphertext, created_ms, updated_ms)
                  VALUES (?1, ?2, ?3, 1, ?4, x'', x'', ?5, ?5)",
                 params![spec.name, spec.kind, spec.description, domains_json(&spec.domains), ms(now)],
@@ -576,7 +576,7 @@ impl Vault {
             .map_err(&w)?;
             let id = conn.last_insert_rowid();
             let sealed = dek.seal(value.expose(), &crypto::secret_aad(id, &spec.name, 1))?;
-            conn.execute(
+            conn.exec_cached(
                 "UPDATE secrets SET nonce = ?1, ciphertext = ?2 WHERE id = ?3",
                 params![sealed.nonce, sealed.ciphertext, id],
             )
@@ -610,7 +610,7 @@ impl Vault {
             let row = load_secret(conn, &name)?;
             let version = row.info.version + 1;
             let sealed = dek.seal(value.expose(), &crypto::secret_aad(row.id, &name, version))?;
-            conn.execute(
+            conn.exec_cached(
                 "UPDATE secrets SET version = ?1, nonce = ?2, ciphertext = ?3, updated_ms = ?4 WHERE id = ?5",
                 params![version, sealed.nonce, sealed.ciphertext, ms(now), row.id],
             )
@@ -647,7 +647,7 @@ impl Vault {
                 .filter(|g| g.secret == name)
                 .collect();
             for g in &grants {
-                conn.execute("DELETE FROM grants WHERE id = ?1", [g.id])
+                conn.exec_cached("DELETE FROM grants WHERE id = ?1", [g.id])
                     .map_err(db_error("remove a grant"))?;
                 audit_required(
                     conn,
@@ -656,7 +656,7 @@ impl Vault {
                         .detail(format!("grant {} removed with its secret", g.id)),
                 )?;
             }
-            conn.execute("DELETE FROM secrets WHERE name = ?1", [&name])
+            conn.exec_cached("DELETE FROM secrets WHERE name = ?1", [&name])
                 .map_err(db_error("remove a secret"))?;
             audit_required(
                 conn,
@@ -669,7 +669,7 @@ impl Vault {
     pub fn list_secrets(&self) -> Result<Vec<SecretInfo>, VaultError> {
         self.store.run(|conn, _| {
             let mut stmt = conn
-                .prepare("SELECT name FROM secrets ORDER BY name")
+                .prepare_cached("SELECT name FROM secrets ORDER BY name")
                 .map_err(db_error("list secrets"))?;
             let names: Vec<String> = stmt
                 .query_map([], |r| r.get(0))
@@ -698,7 +698,7 @@ impl Vault {
                 .into_iter()
                 .find(|g| g.id == id)
                 .ok_or(VaultError::GrantNotFound(id))?;
-            conn.execute("DELETE FROM grants WHERE id = ?1", [id])
+            conn.exec_cached("DELETE FROM grants WHERE id = ?1", [id])
                 .map_err(db_error("remove a grant"))?;
             audit_required(
                 conn,
@@ -731,7 +731,7 @@ impl Vault {
         let now = self.now();
         self.store.run(move |conn, _| {
             if replace {
-                conn.execute("DELETE FROM grants", [])
+                conn.exec_cached("DELETE FROM grants", [])
                     .map_err(db_error("replace the policy"))?;
             }
             let grants = doc
@@ -805,7 +805,7 @@ impl Vault {
                     renewable: terms.renewable,
                     revoked: None,
                 };
-                conn.execute(
+                conn.exec_cached(
                     "INSERT INTO leases (id, agent, session, secret, grant_id, domains, issued_ms, expires_ms, max_expires_ms, uses_left, renewals, renewable)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 0, ?11)",
                     params![
@@ -884,7 +884,7 @@ impl Vault {
                         return Ok(Err(VaultError::Undecryptable(lease.secret.clone())));
                     }
                 };
-                conn.execute(
+                conn.exec_cached(
                     "UPDATE leases SET uses_left = ?1 WHERE id = ?2",
                     params![uses_left, lease.id.0],
                 )
@@ -944,7 +944,7 @@ impl Vault {
                         }));
                     }
                 };
-                conn.execute(
+                conn.exec_cached(
                     "UPDATE leases SET expires_ms = ?1, renewals = renewals + 1 WHERE id = ?2",
                     params![ms(expires), lease.id.0],
                 )
@@ -991,7 +991,7 @@ impl Vault {
         self.store.run(move |conn, _| {
             record_expiries(conn, now)?;
             let mut stmt = conn
-                .prepare(&format!(
+                .prepare_cached(&format!(
                     "SELECT {LEASE_COLUMNS} FROM leases WHERE (?1 IS NULL OR session = ?1) ORDER BY issued_ms, id"
                 ))
                 .map_err(db_error("list leases"))?;
@@ -1106,7 +1106,7 @@ fn insert_grant(conn: &Connection, spec: &GrantSpec, now: Timestamp) -> Result<G
             |r| r.get(0),
         )
         .map_err(db_error("store a grant"))?;
-    conn.execute(
+    conn.exec_cached(
         "INSERT INTO grants (position, agent, secret, domains, max_ttl_ms, max_uses, renewable, created_ms)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         params![
@@ -1167,7 +1167,7 @@ fn revoke_in(
     };
     let targets: Vec<Lease> = {
         let mut stmt = conn
-            .prepare(&format!(
+            .prepare_cached(&format!(
                 "SELECT {LEASE_COLUMNS} FROM leases WHERE revoked_ms IS NULL AND {clause}"
             ))
             .map_err(db_error("find leases to revoke"))?;
@@ -1176,7 +1176,7 @@ fn revoke_in(
             .map_err(db_error("find leases to revoke"))?
     };
     for l in &targets {
-        conn.execute(
+        conn.exec_cached(
             "UPDATE leases SET revoked_ms = ?1 WHERE id = ?2",
             params![ms(now), l.id.0],
         )

@@ -79,6 +79,31 @@ fn migrations() -> Vec<String> {
     vec![format!("{SCHEMA_V1}{}", audit::SCHEMA)]
 }
 
+/// Statement-cached forms of `execute` and `query_row`: the vault runs the
+/// same few statements over and over, and parsing SQL each time costs more
+/// than running it.
+pub(crate) trait CachedExt {
+    fn exec_cached<P: rusqlite::Params>(&self, sql: &str, params: P) -> rusqlite::Result<usize>;
+    fn row_cached<T, P, F>(&self, sql: &str, params: P, f: F) -> rusqlite::Result<T>
+    where
+        P: rusqlite::Params,
+        F: FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>;
+}
+
+impl CachedExt for Connection {
+    fn exec_cached<P: rusqlite::Params>(&self, sql: &str, params: P) -> rusqlite::Result<usize> {
+        self.prepare_cached(sql)?.execute(params)
+    }
+
+    fn row_cached<T, P, F>(&self, sql: &str, params: P, f: F) -> rusqlite::Result<T>
+    where
+        P: rusqlite::Params,
+        F: FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    {
+        self.prepare_cached(sql)?.query_row(params, f)
+    }
+}
+
 /// What a job gives back to the writer: whether to keep its writes, and the
 /// function that delivers its result once the commit outcome is known.
 type Completion = Box<dyn FnOnce(Result<(), VaultError>) + Send>;
@@ -130,6 +155,7 @@ impl Store {
              PRAGMA secure_delete = ON;"
         ))
         .map_err(db_error("configure the vault database"))?;
+        conn.set_prepared_statement_cache_capacity(64);
         migrate(&conn)?;
         let (tx, rx) = mpsc::channel::<Job>();
         let thread = thread::Builder::new()
