@@ -240,6 +240,7 @@ impl Jail {
                 .ok_or_else(|| NetlinkError::NoSuchLink {
                     name: spec.interface.clone(),
                 })?;
+        netlink::disable_ipv6(&spec.interface)?;
         // Step 4, then 5: the link comes up last.
         nl.add_address(&spec.interface, index, spec.host, self.record.prefix)
             .await?;

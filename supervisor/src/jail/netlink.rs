@@ -33,6 +33,13 @@ pub enum NetlinkError {
     },
     #[error("there is no network interface named `{name}`")]
     NoSuchLink { name: String },
+    #[error("cannot turn IPv6 off on `{name}` ({path})")]
+    Sysctl {
+        name: String,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 fn errno(err: &rtnetlink::Error) -> Option<i32> {
@@ -235,5 +242,29 @@ impl Netlink {
             });
         }
         Ok(out)
+    }
+}
+
+/// Turns IPv6 off on the host side of the link, so the host sends the guest
+/// no router solicitations or multicast reports (they would only be dropped
+/// and counted). The jail's table drops IPv6 either way; a kernel without
+/// IPv6 has nothing to turn off.
+///
+/// `/proc/sys/net` resolves to the network namespace of the calling thread.
+pub fn disable_ipv6(name: &str) -> Result<(), NetlinkError> {
+    let path = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
+    match std::fs::write(&path, "1") {
+        Ok(()) => Ok(()),
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                && !std::path::Path::new("/proc/sys/net/ipv6").exists() =>
+        {
+            Ok(())
+        }
+        Err(source) => Err(NetlinkError::Sysctl {
+            name: name.to_owned(),
+            path,
+            source,
+        }),
     }
 }
