@@ -392,3 +392,27 @@ pub fn block_here<Fut: Future>(fut: Fut) -> Fut::Output {
         .expect("tokio runtime")
         .block_on(fut)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_tool_skips_outside_ci_and_fails_in_ci() {
+        let tools = ["zerolease-no-such-tool-0c5e"];
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            let result = std::panic::catch_unwind(|| require_root_and_tools(&tools));
+            assert!(result.is_err(), "CI=true must fail, not skip");
+        } else {
+            assert!(!require_root_and_tools(&tools));
+        }
+    }
+
+    #[test]
+    fn namespace_names_are_unique() {
+        let a = random_suffix();
+        let b = random_suffix();
+        assert_eq!(a.len(), 8);
+        assert_ne!(a, b);
+    }
+}

@@ -146,7 +146,10 @@ pub enum JailError {
     Netlink(#[from] NetlinkError),
     #[error(transparent)]
     Nft(#[from] NftError),
-    #[error("setting up the jail of session {id} failed, and so did removing what was set up")]
+    #[error(
+        "setting up the jail of session {id} failed, and removing what was set up failed too \
+         ({cleanup}); `zerolease reap` retries the removal"
+    )]
     CreateAndCleanup {
         id: JailId,
         #[source]

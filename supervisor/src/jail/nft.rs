@@ -122,6 +122,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_missing_nft_says_what_to_install() {
+        let missing = NftablesError::NftExecution {
+            program: "nft".into(),
+            inner: std::io::Error::from(std::io::ErrorKind::NotFound),
+        };
+        let err = classify("load the table inet zl_a")(missing);
+        assert!(matches!(err, NftError::NotInstalled(_)));
+        assert_eq!(
+            err.to_string(),
+            "`nft` was not found; install the nftables package (apt-get install nftables)"
+        );
+        let denied = NftablesError::NftExecution {
+            program: "nft".into(),
+            inner: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        };
+        assert!(matches!(classify("x")(denied), NftError::Failed { .. }));
+    }
+
+    #[test]
     fn table_names_table() {
         let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
             {"table": {"family": "inet", "name": "zl_a", "handle": 1}},

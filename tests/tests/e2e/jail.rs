@@ -451,3 +451,29 @@ fn a_pool_overlapping_a_route_is_refused_and_leaves_nothing() {
     // The given interface is untouched, and no table was loaded.
     assert_eq!(world.leftovers(), (vec![], vec!["zl-ovl".to_owned()]));
 }
+
+#[test]
+fn a_missing_interface_is_reported_and_nothing_is_loaded() {
+    if !require_root_and_tools(TOOLS) {
+        return;
+    }
+    let world = World::new();
+    let config = zerolease::jail::JailConfig {
+        id: zerolease::jail::JailId::parse("nope").expect("id"),
+        link: zerolease::jail::Link::Existing {
+            name: "zl-nope".to_owned(),
+        },
+        pool: zerolease::jail::DEFAULT_POOL.parse().expect("pool"),
+        ports: PORTS,
+        dns_port: None,
+    };
+    let err = world
+        .host
+        .block_on(|| async move { Jail::create(config).await.map(|j| j.into_record()) })
+        .expect_err("no such interface");
+    assert_eq!(
+        err.to_string(),
+        "there is no network interface named `zl-nope`"
+    );
+    assert_eq!(world.leftovers(), (vec![], vec![]));
+}
