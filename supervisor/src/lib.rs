@@ -5,5 +5,9 @@
 //! exit code; everything else lives here so tests can call it directly. See
 //! `ARCHITECTURE.md` for the code map.
 
+pub mod cli;
+pub mod clock;
 pub mod domain;
+pub mod home;
 pub mod jail;
+pub mod vault;

@@ -1,0 +1,759 @@
+//! The `zerolease` command line: argument parsing (clap), one function per
+//! command, output for people or `--json`, and exit codes.
+//!
+//! **Architecture Invariant:** secret values enter only through stdin or a
+//! no-echo prompt — there is no flag that takes one — and leave only through
+//! `lease access` on stdout.
+
+mod output;
+
+use std::io::{IsTerminal, Read};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use zeroize::Zeroizing;
+
+use crate::clock::{SystemClock, Timestamp, format_duration_short, parse_duration};
+use crate::domain::{DomainPattern, HostName};
+use crate::home::{ENV_HOME, StateDir};
+use crate::vault::{
+    AgentPattern, AuditFilter, EnvKeys, GrantSpec, KeySourceKind, KeyringBackend, LeaseAsk,
+    LeaseFilter, LeaseRequest, LeaseStatus, NewSecret, PolicyDocument, RevokeScope, SecretValue,
+    Vault, VaultConfig, VaultError,
+};
+pub use output::ExitStatus;
+use output::{Table, json};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "zerolease",
+    version,
+    about = "Run AI coding agents with leased, domain-scoped credentials",
+    long_about = None,
+)]
+pub struct Cli {
+    /// State directory (default: $XDG_DATA_HOME/zerolease).
+    #[arg(long, global = true, env = ENV_HOME, value_name = "DIR")]
+    home: Option<PathBuf>,
+
+    /// Where the vault's master key comes from. A new vault uses `file`
+    /// unless told otherwise; an existing one uses the source it records.
+    #[arg(long, global = true, env = "ZEROLEASE_KEY_SOURCE", value_enum)]
+    key_source: Option<KeySourceKind>,
+
+    /// Print machine-readable JSON (one object or array per line).
+    #[arg(long, global = true)]
+    json: bool,
+
+    /// More log output on stderr (-v info, -vv debug). ZEROLEASE_LOG
+    /// takes a tracing filter for finer control.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Store, list, rotate and remove secrets.
+    #[command(subcommand)]
+    Secret(SecretCmd),
+    /// Who may lease which secret, for which domains, for how long.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// Grant, use, renew, list and revoke leases.
+    #[command(subcommand)]
+    Lease(LeaseCmd),
+    /// Read and verify the hash-chained audit log.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+    /// Manage the vault's master key.
+    #[command(subcommand)]
+    Key(KeyCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum SecretCmd {
+    /// Store a new secret; its value is read from stdin (or a no-echo prompt).
+    Add {
+        name: String,
+        /// A domain the secret may ever be sent to (its ceiling): an exact
+        /// name or `*.example.com`. Repeat for several.
+        #[arg(long = "domain", required = true, value_name = "DOMAIN")]
+        domains: Vec<String>,
+        #[arg(long, default_value = "generic")]
+        kind: String,
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Keep a trailing newline read from stdin (dropped by default).
+        #[arg(long)]
+        keep_newline: bool,
+    },
+    /// List secrets (never their values).
+    Ls,
+    /// Remove a secret, its grants, and revoke its leases.
+    Rm { name: String },
+    /// Replace a secret's value; the new value is read from stdin.
+    Rotate {
+        name: String,
+        #[arg(long)]
+        keep_newline: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCmd {
+    /// Add a grant at the end of the policy (first match wins).
+    Grant {
+        /// Agent name, or a prefix pattern like `ci-*`, or `*`.
+        #[arg(long)]
+        agent: String,
+        #[arg(long)]
+        secret: String,
+        /// Domains leases may cover; within the secret's ceiling.
+        #[arg(long = "domain", required = true, value_name = "DOMAIN")]
+        domains: Vec<String>,
+        /// Maximum lease lifetime, renewals included (`15m`, `2h`).
+        #[arg(long)]
+        ttl: String,
+        #[arg(long)]
+        max_uses: Option<u32>,
+        #[arg(long)]
+        renewable: bool,
+    },
+    /// List the grants in evaluation order.
+    Ls,
+    /// Remove a grant by id.
+    Revoke { id: i64 },
+    /// Print the policy as YAML.
+    Export,
+    /// Load a policy from a YAML file; replaces the current grants unless
+    /// --append. Nothing changes if any grant is invalid.
+    Import {
+        file: PathBuf,
+        #[arg(long)]
+        append: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LeaseCmd {
+    /// Ask for a lease as an agent in a session; prints the lease.
+    Grant {
+        #[arg(long)]
+        agent: String,
+        #[arg(long)]
+        session: String,
+        #[arg(long)]
+        secret: String,
+        /// Narrow the lease to these domains (default: the grant's).
+        #[arg(long = "domain", value_name = "DOMAIN")]
+        domains: Vec<String>,
+        /// Lease lifetime (default: the grant's maximum).
+        #[arg(long)]
+        ttl: Option<String>,
+        #[arg(long)]
+        max_uses: Option<u32>,
+    },
+    /// Use a lease for a domain: writes the secret's value to stdout.
+    Access {
+        id: String,
+        #[arg(long)]
+        domain: String,
+    },
+    /// Extend a lease, within its grant's maximum lifetime.
+    Renew {
+        id: String,
+        #[arg(long)]
+        ttl: Option<String>,
+    },
+    /// List active leases (--all for revoked and expired too).
+    Ls {
+        #[arg(long)]
+        session: Option<String>,
+        #[arg(long)]
+        all: bool,
+    },
+    /// Revoke one lease, a session's, a secret's, or all of them.
+    Revoke(RevokeArgs),
+}
+
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+struct RevokeArgs {
+    id: Option<String>,
+    #[arg(long)]
+    session: Option<String>,
+    #[arg(long)]
+    secret: Option<String>,
+    #[arg(long)]
+    all: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCmd {
+    /// Show audit records, oldest first.
+    Ls {
+        #[arg(long)]
+        session: Option<String>,
+        /// Only records since this long ago (`1h`) or since a time
+        /// (`2026-11-28T10:00:00Z`).
+        #[arg(long)]
+        since: Option<String>,
+        /// At most this many (the newest).
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Check the hash chain; exits 6 and names the records if it is broken.
+    Verify,
+}
+
+#[derive(Debug, Subcommand)]
+enum KeyCmd {
+    /// Re-wrap the data key under a new master key (secrets are untouched).
+    Rotate {
+        /// Move the key to another source while rotating.
+        #[arg(long, value_enum)]
+        to: Option<KeySourceKind>,
+    },
+}
+
+/// Parses arguments and runs; the binary's whole `main`.
+pub fn main(env_keys: EnvKeys) -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitStatus::Usage.into()
+            } else {
+                ExitStatus::Success.into()
+            };
+        }
+    };
+    init_logging(cli.verbose);
+    match run(cli, env_keys) {
+        Ok(status) => status.into(),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            e.downcast_ref::<VaultError>()
+                .map(ExitStatus::of)
+                .unwrap_or(ExitStatus::Failure)
+                .into()
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ZEROLEASE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn open_vault(cli: &Cli, env_keys: EnvKeys) -> anyhow::Result<Vault> {
+    let home = StateDir::resolve(cli.home.clone())?;
+    let mut config = VaultConfig::new(home);
+    config.key_source = cli.key_source;
+    config.env_keys = env_keys;
+    config.keyring_backend = KeyringBackend::from_env();
+    Ok(Vault::open(config, Arc::new(SystemClock))?)
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitStatus> {
+    let mut vault = open_vault(&cli, env_keys)?;
+    let j = cli.json;
+    match cli.command {
+        Command::Secret(cmd) => secret(&vault, cmd, j),
+        Command::Policy(cmd) => policy(&vault, cmd, j),
+        Command::Lease(cmd) => lease(&vault, cmd, j),
+        Command::Audit(cmd) => audit(&vault, cmd, j),
+        Command::Key(KeyCmd::Rotate { to }) => {
+            let kind = vault.rotate_key(to)?;
+            if j {
+                json(&serde_json::json!({ "rotated": true, "key_source": kind.as_str() }))?;
+            } else {
+                println!("master key rotated; key source is now `{kind}`");
+                if kind == KeySourceKind::Env {
+                    println!(
+                        "store the value of ZEROLEASE_NEW_MASTER_KEY as ZEROLEASE_MASTER_KEY in your secret store now: the old key no longer opens this vault"
+                    );
+                }
+            }
+            Ok(ExitStatus::Success)
+        }
+    }
+}
+
+fn parse_domains(items: &[String]) -> anyhow::Result<Vec<DomainPattern>> {
+    items
+        .iter()
+        .map(|d| DomainPattern::parse(d).map_err(|e| VaultError::Invalid(e.to_string()).into()))
+        .collect()
+}
+
+fn parse_ttl(s: &str) -> anyhow::Result<Duration> {
+    parse_duration(s).map_err(|e| VaultError::Invalid(format!("--ttl: {e}")).into())
+}
+
+/// Reads a secret value from stdin, or prompts without echo on a terminal.
+fn read_value(name: &str, keep_newline: bool) -> anyhow::Result<SecretValue> {
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        let first = Zeroizing::new(
+            rpassword::prompt_password(format!("value for secret `{name}`: "))
+                .context("could not read the value from the terminal")?,
+        );
+        let again = Zeroizing::new(
+            rpassword::prompt_password("again: ")
+                .context("could not read the value from the terminal")?,
+        );
+        if *first != *again {
+            return Err(
+                VaultError::Invalid("the two values differ; nothing was stored".into()).into(),
+            );
+        }
+        return Ok(SecretValue::new(Zeroizing::new(first.as_bytes().to_vec())));
+    }
+    let mut buf = Zeroizing::new(Vec::new());
+    stdin
+        .lock()
+        .take(crate::vault::MAX_SECRET_LEN as u64 + 3)
+        .read_to_end(&mut buf)
+        .context("could not read the value from stdin")?;
+    if !keep_newline {
+        if buf.ends_with(b"\r\n") {
+            let n = buf.len() - 2;
+            buf.truncate(n);
+        } else if buf.ends_with(b"\n") {
+            let n = buf.len() - 1;
+            buf.truncate(n);
+        }
+    }
+    Ok(SecretValue::new(buf))
+}
+
+fn secret(vault: &Vault, cmd: SecretCmd, j: bool) -> anyhow::Result<ExitStatus> {
+    match cmd {
+        SecretCmd::Add {
+            name,
+            domains,
+            kind,
+            description,
+            keep_newline,
+        } => {
+            let domains = parse_domains(&domains)?;
+            let value = read_value(&name, keep_newline)?;
+            let info = vault.add_secret(
+                NewSecret {
+                    name,
+                    kind,
+                    description,
+                    domains,
+                },
+                value,
+            )?;
+            if j {
+                json(&info)?;
+            } else {
+                println!(
+                    "stored secret `{}` (version {}) for {}",
+                    info.name,
+                    info.version,
+                    join(&info.domains)
+                );
+            }
+        }
+        SecretCmd::Ls => {
+            let secrets = vault.list_secrets()?;
+            if j {
+                json(&secrets)?;
+            } else {
+                let mut t = Table::new(&[
+                    "NAME",
+                    "KIND",
+                    "VERSION",
+                    "DOMAINS",
+                    "UPDATED",
+                    "DESCRIPTION",
+                ]);
+                for s in &secrets {
+                    t.row(vec![
+                        s.name.clone(),
+                        s.kind.clone(),
+                        s.version.to_string(),
+                        join(&s.domains),
+                        s.updated.rfc3339(),
+                        s.description.clone(),
+                    ]);
+                }
+                t.print("no secrets; add one with `zerolease secret add NAME --domain DOMAIN`");
+            }
+        }
+        SecretCmd::Rm { name } => {
+            let revoked = vault.remove_secret(&name)?;
+            if j {
+                json(&serde_json::json!({ "removed": name, "leases_revoked": revoked }))?;
+            } else {
+                println!(
+                    "removed secret `{name}`, its grants, and revoked {} lease(s)",
+                    revoked.len()
+                );
+            }
+        }
+        SecretCmd::Rotate { name, keep_newline } => {
+            let value = read_value(&name, keep_newline)?;
+            let info = vault.rotate_secret(&name, value)?;
+            if j {
+                json(&info)?;
+            } else {
+                println!("secret `{}` is now version {}", info.name, info.version);
+            }
+        }
+    }
+    Ok(ExitStatus::Success)
+}
+
+fn policy(vault: &Vault, cmd: PolicyCmd, j: bool) -> anyhow::Result<ExitStatus> {
+    match cmd {
+        PolicyCmd::Grant {
+            agent,
+            secret,
+            domains,
+            ttl,
+            max_uses,
+            renewable,
+        } => {
+            let spec = GrantSpec {
+                agent: AgentPattern::parse(&agent).map_err(VaultError::Invalid)?,
+                secret,
+                domains: parse_domains(&domains)?,
+                ttl: parse_ttl(&ttl)?,
+                max_uses,
+                renewable,
+            };
+            let g = vault.add_grant(spec)?;
+            if j {
+                json(&g)?;
+            } else {
+                println!(
+                    "grant {}: agent `{}` may lease `{}` for {} up to {}",
+                    g.id,
+                    g.agent,
+                    g.secret,
+                    join(&g.domains),
+                    humantime::format_duration(g.max_ttl)
+                );
+            }
+        }
+        PolicyCmd::Ls => {
+            let grants = vault.list_grants()?;
+            if j {
+                json(&grants)?;
+            } else {
+                let mut t = Table::new(&[
+                    "ID",
+                    "AGENT",
+                    "SECRET",
+                    "DOMAINS",
+                    "MAX TTL",
+                    "MAX USES",
+                    "RENEWABLE",
+                ]);
+                for g in &grants {
+                    t.row(vec![
+                        g.id.to_string(),
+                        g.agent.to_string(),
+                        g.secret.clone(),
+                        join(&g.domains),
+                        humantime::format_duration(g.max_ttl).to_string(),
+                        g.max_uses.map_or("-".into(), |u| u.to_string()),
+                        if g.renewable { "yes" } else { "no" }.into(),
+                    ]);
+                }
+                t.print("no grants: every lease request is denied (add one with `zerolease policy grant`)");
+            }
+        }
+        PolicyCmd::Revoke { id } => {
+            let g = vault.remove_grant(id)?;
+            if j {
+                json(&g)?;
+            } else {
+                println!(
+                    "removed grant {} (agent `{}`, secret `{}`)",
+                    g.id, g.agent, g.secret
+                );
+            }
+        }
+        PolicyCmd::Export => {
+            let doc = vault.export_policy()?;
+            if j {
+                json(&doc)?;
+            } else {
+                print!(
+                    "{}",
+                    serde_saphyr::to_string(&doc).context("could not write YAML")?
+                );
+            }
+        }
+        PolicyCmd::Import { file, append } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("could not read {}", file.display()))?;
+            let doc: PolicyDocument = serde_saphyr::from_str(&text)
+                .map_err(|e| VaultError::Invalid(format!("{}: {e}", file.display())))?;
+            let grants = vault.import_policy(doc, !append)?;
+            if j {
+                json(&grants)?;
+            } else {
+                println!(
+                    "imported {} grant(s) from {}{}",
+                    grants.len(),
+                    file.display(),
+                    if append {
+                        ""
+                    } else {
+                        " (replacing the previous policy)"
+                    }
+                );
+            }
+        }
+    }
+    Ok(ExitStatus::Success)
+}
+
+fn lease_row(l: &crate::vault::Lease, now: Timestamp) -> Vec<String> {
+    let status = l.status(now);
+    vec![
+        l.id.to_string(),
+        status.as_str().into(),
+        l.agent.clone(),
+        l.session.clone(),
+        l.secret.clone(),
+        join(&l.domains),
+        if status == LeaseStatus::Active {
+            format_duration_short(l.time_left(now))
+        } else {
+            "-".into()
+        },
+        l.uses_left.map_or("-".into(), |u| u.to_string()),
+    ]
+}
+
+const LEASE_HEADER: &[&str] = &[
+    "ID", "STATUS", "AGENT", "SESSION", "SECRET", "DOMAINS", "LEFT", "USES",
+];
+
+#[derive(serde::Serialize)]
+struct LeaseView<'a> {
+    #[serde(flatten)]
+    lease: &'a crate::vault::Lease,
+    status: LeaseStatus,
+    seconds_left: u64,
+}
+
+fn lease_view(l: &crate::vault::Lease, now: Timestamp) -> LeaseView<'_> {
+    LeaseView {
+        lease: l,
+        status: l.status(now),
+        seconds_left: l.time_left(now).as_secs(),
+    }
+}
+
+fn lease(vault: &Vault, cmd: LeaseCmd, j: bool) -> anyhow::Result<ExitStatus> {
+    match cmd {
+        LeaseCmd::Grant {
+            agent,
+            session,
+            secret,
+            domains,
+            ttl,
+            max_uses,
+        } => {
+            let ask = LeaseAsk {
+                domains: if domains.is_empty() {
+                    None
+                } else {
+                    Some(parse_domains(&domains)?)
+                },
+                ttl: ttl.as_deref().map(parse_ttl).transpose()?,
+                max_uses,
+            };
+            let l = vault.grant(LeaseRequest {
+                agent,
+                session,
+                secret,
+                ask,
+            })?;
+            if j {
+                json(&lease_view(&l, vault.now()))?;
+            } else {
+                println!("{}", l.id);
+                eprintln!(
+                    "leased `{}` to agent `{}` (session `{}`) for {} until {}",
+                    l.secret,
+                    l.agent,
+                    l.session,
+                    join(&l.domains),
+                    l.expires.rfc3339()
+                );
+            }
+        }
+        LeaseCmd::Access { id, domain } => {
+            let domain =
+                HostName::parse(&domain).map_err(|e| VaultError::Invalid(e.to_string()))?;
+            let value = vault.access(&id, &domain)?;
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            out.write_all(value.expose())?;
+            out.flush()?;
+        }
+        LeaseCmd::Renew { id, ttl } => {
+            let ttl = ttl.as_deref().map(parse_ttl).transpose()?;
+            let l = vault.renew(&id, ttl)?;
+            if j {
+                json(&lease_view(&l, vault.now()))?;
+            } else {
+                println!("lease {} renewed until {}", l.id, l.expires.rfc3339());
+            }
+        }
+        LeaseCmd::Ls { session, all } => {
+            let leases = vault.list_leases(LeaseFilter {
+                session,
+                include_inactive: all,
+            })?;
+            let now = vault.now();
+            if j {
+                json(
+                    &leases
+                        .iter()
+                        .map(|l| lease_view(l, now))
+                        .collect::<Vec<_>>(),
+                )?;
+            } else {
+                let mut t = Table::new(LEASE_HEADER);
+                for l in &leases {
+                    t.row(lease_row(l, now));
+                }
+                t.print(if all {
+                    "no leases"
+                } else {
+                    "no active leases (--all shows the rest)"
+                });
+            }
+        }
+        LeaseCmd::Revoke(args) => {
+            let scope = match args {
+                RevokeArgs { id: Some(id), .. } => RevokeScope::Lease(id),
+                RevokeArgs {
+                    session: Some(s), ..
+                } => RevokeScope::Session(s),
+                RevokeArgs {
+                    secret: Some(s), ..
+                } => RevokeScope::Secret(s),
+                _ => RevokeScope::All,
+            };
+            let revoked = vault.revoke(scope)?;
+            if j {
+                json(&serde_json::json!({ "revoked": revoked }))?;
+            } else {
+                println!("revoked {} lease(s)", revoked.len());
+            }
+        }
+    }
+    Ok(ExitStatus::Success)
+}
+
+fn parse_since(s: &str, now: Timestamp) -> anyhow::Result<Timestamp> {
+    if let Ok(t) = humantime::parse_rfc3339_weak(s) {
+        return Ok(Timestamp::from_system_time(t));
+    }
+    let d = parse_duration(s).map_err(|_| {
+        VaultError::Invalid(format!(
+            "--since `{s}` is neither a duration (`1h`) nor a time (`2026-11-28T10:00:00Z`)"
+        ))
+    })?;
+    Ok(now.saturating_sub(d))
+}
+
+fn audit(vault: &Vault, cmd: AuditCmd, j: bool) -> anyhow::Result<ExitStatus> {
+    match cmd {
+        AuditCmd::Ls {
+            session,
+            since,
+            limit,
+        } => {
+            let since = since
+                .as_deref()
+                .map(|s| parse_since(s, vault.now()))
+                .transpose()?;
+            let records = vault.audit_list(AuditFilter {
+                session,
+                since,
+                limit,
+            })?;
+            if j {
+                json(&records)?;
+            } else {
+                let mut t = Table::new(&[
+                    "SEQ", "TIME", "EVENT", "OUTCOME", "AGENT", "SESSION", "SECRET", "DOMAIN",
+                    "DETAIL",
+                ]);
+                let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
+                for r in &records {
+                    let rec = &r.record;
+                    t.row(vec![
+                        r.seq.to_string(),
+                        rec.time.rfc3339(),
+                        rec.event.clone(),
+                        rec.outcome.clone(),
+                        opt(&rec.agent),
+                        opt(&rec.session),
+                        opt(&rec.secret),
+                        opt(&rec.domain),
+                        rec.detail.clone(),
+                    ]);
+                }
+                t.print("no audit records match");
+            }
+            Ok(ExitStatus::Success)
+        }
+        AuditCmd::Verify => {
+            let report = vault.audit_verify()?;
+            if j {
+                json(&report)?;
+            } else if report.is_intact() {
+                println!("audit chain intact: {} records", report.records);
+            } else {
+                println!("audit chain BROKEN ({} records read):", report.records);
+                for p in &report.problems {
+                    println!("  - {p}");
+                }
+            }
+            Ok(if report.is_intact() {
+                ExitStatus::Success
+            } else {
+                ExitStatus::Integrity
+            })
+        }
+    }
+}
+
+fn join(d: &[DomainPattern]) -> String {
+    d.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
