@@ -81,18 +81,25 @@ fn guest_reaches_the_proxy_ports_and_nothing_else_on_the_host() {
     // The explicit proxy port, over a real client: curl speaks CONNECT and
     // the listener sees the guest's own address.
     let connect = world.host.tcp_listener(sa(rec.host, PORTS.connect));
-    let out = guest.ns.exec(
-        "curl",
-        [
-            "-s",
-            "--max-time",
-            "2",
-            "--proxy",
-            &format!("http://{}:{}", rec.host, PORTS.connect),
-            "https://example.invalid/",
-        ],
-    );
-    let _ = out; // curl times out: the test listener never answers CONNECT.
+    let client = std::thread::spawn({
+        let ns = guest.ns.clone();
+        let proxy = format!("http://{}:{}", rec.host, PORTS.connect);
+        // The test listener never answers the CONNECT; curl gives up when
+        // the listener closes the connection.
+        move || {
+            ns.exec(
+                "curl",
+                [
+                    "-s",
+                    "--max-time",
+                    "3",
+                    "--proxy",
+                    &proxy,
+                    "https://example.invalid/",
+                ],
+            )
+        }
+    });
     let (peer, first) = connect
         .accept_and_read()
         .expect("CONNECT reached the proxy port");
