@@ -109,6 +109,7 @@ fn guest_reaches_the_proxy_ports_and_nothing_else_on_the_host() {
         "{:?}",
         String::from_utf8_lossy(&first)
     );
+    let _ = client.join();
 
     let transparent = world.host.tcp_listener(sa(rec.host, PORTS.transparent));
     assert!(guest.ns.tcp_connects(None, sa(rec.host, PORTS.transparent)));
