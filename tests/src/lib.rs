@@ -150,6 +150,14 @@ impl Netns {
             .unwrap_or_else(|e| panic!("cannot run {program} in {}: {e}", self.name))
     }
 
+    /// Creates a veth pair: `name` here, `peer_name` in `peer`. Both ends are
+    /// left down and unaddressed.
+    pub fn veth_to(&self, name: &str, peer: &Netns, peer_name: &str) {
+        self.ip([
+            "link", "add", name, "type", "veth", "peer", "name", peer_name, "netns", &peer.name,
+        ]);
+    }
+
     /// Sets a sysctl inside the namespace.
     pub fn sysctl(&self, key: &str, value: &str) {
         let path = format!("/proc/sys/{}", key.replace('.', "/"));

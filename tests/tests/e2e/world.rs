@@ -41,18 +41,7 @@ impl World {
     pub fn new() -> World {
         let host = Netns::new("host");
         let upstream = Netns::new("up");
-        host.ip([
-            "link",
-            "add",
-            "up0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            upstream.name(),
-        ]);
+        host.veth_to("up0", &upstream, "eth0");
         host.ip(["addr", "add", "198.18.0.1/24", "dev", "up0"]);
         host.ip(["link", "set", "up0", "up"]);
         upstream.ip(["addr", "add", "198.18.0.2/24", "dev", "eth0"]);
@@ -69,18 +58,7 @@ impl World {
     pub fn guest(&self, id: &str) -> Guest {
         let ns = Netns::new(&format!("g{id}"));
         let link = format!("zl-{id}");
-        self.host.ip([
-            "link",
-            "add",
-            &link,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            ns.name(),
-        ]);
+        self.host.veth_to(&link, &ns, "eth0");
         Guest {
             ns,
             id: JailId::parse(id).expect("test ids are valid"),
