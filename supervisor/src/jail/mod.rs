@@ -107,7 +107,9 @@ pub enum Link {
     Tap { owner: Uid },
     /// Adopt an interface that already exists (in tests: the host end of a
     /// veth pair standing in for a VM). Name it `zl-…` so reaping finds it.
-    /// The jail owns it from then on: `destroy` deletes it.
+    /// The jail owns it from then on: `destroy` deletes it. Pass it down:
+    /// a link that is already up carries traffic unfiltered until the table
+    /// is loaded.
     Existing { name: String },
 }
 
