@@ -9,4 +9,5 @@ pub mod cli;
 pub mod clock;
 pub mod domain;
 pub mod home;
+pub mod jail;
 pub mod vault;

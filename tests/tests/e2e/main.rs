@@ -1,0 +1,7 @@
+//! The end-to-end suite: one test binary, one module per area. Every test
+//! builds its own network namespaces (see `zerolease_tests::Netns`) and needs
+//! root; under `CI=true` a missing privilege or tool fails the test.
+
+mod jail;
+mod tap;
+mod world;
