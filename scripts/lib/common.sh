@@ -29,4 +29,4 @@ ensure_packages() {
 }
 
 # The Debian packages the test suite uses.
-TEST_PACKAGES=(ca-certificates)
+TEST_PACKAGES=(ca-certificates file nftables iproute2 iputils-ping curl)
