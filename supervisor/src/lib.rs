@@ -10,4 +10,5 @@ pub mod clock;
 pub mod domain;
 pub mod home;
 pub mod jail;
+pub mod manifest;
 pub mod vault;

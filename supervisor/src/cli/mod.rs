@@ -20,6 +20,7 @@ use zeroize::Zeroizing;
 use crate::clock::{SystemClock, Timestamp, format_duration_short, parse_duration};
 use crate::domain::{DomainPattern, HostName};
 use crate::home::{ENV_HOME, StateDir};
+use crate::manifest::Manifest;
 use crate::vault::{
     AgentPattern, AuditFilter, EnvKeys, GrantSpec, KeySourceKind, KeyringBackend, LeaseAsk,
     LeaseFilter, LeaseRequest, LeaseStatus, NewSecret, PolicyDocument, RevokeScope, SecretValue,
@@ -75,6 +76,21 @@ enum Command {
     /// Manage the vault's master key.
     #[command(subcommand)]
     Key(KeyCmd),
+    /// Validate session manifests.
+    #[command(subcommand)]
+    Manifest(ManifestCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum ManifestCmd {
+    /// Check a manifest without booting anything: its syntax and fields, and
+    /// that the policy grants every credential it asks for.
+    Check {
+        file: PathBuf,
+        /// The agent the policy is checked for (default: the manifest's name).
+        #[arg(long)]
+        agent: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -281,6 +297,9 @@ pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitStatus> {
         Command::Policy(cmd) => policy(&vault, cmd, j),
         Command::Lease(cmd) => lease(&vault, cmd, j),
         Command::Audit(cmd) => audit(&vault, cmd, j),
+        Command::Manifest(ManifestCmd::Check { file, agent }) => {
+            manifest_check(&vault, &file, agent, j)
+        }
         Command::Key(KeyCmd::Rotate { to }) => {
             let kind = vault.rotate_key(to)?;
             if j {
@@ -749,6 +768,87 @@ fn audit(vault: &Vault, cmd: AuditCmd, j: bool) -> anyhow::Result<ExitStatus> {
             })
         }
     }
+}
+
+fn manifest_check(
+    vault: &Vault,
+    file: &std::path::Path,
+    agent: Option<String>,
+    j: bool,
+) -> anyhow::Result<ExitStatus> {
+    let manifest = match Manifest::load(file) {
+        Ok(m) => m,
+        Err(e) => {
+            if j {
+                json(&serde_json::json!({
+                    "ok": false,
+                    "file": e.file,
+                    "line": e.line,
+                    "column": e.column,
+                    "error": e.message,
+                    "hint": e.hint,
+                }))?;
+            } else {
+                eprintln!("error: {e}");
+            }
+            return Ok(ExitStatus::Usage);
+        }
+    };
+    let agent = agent.unwrap_or_else(|| manifest.name.clone());
+    let mut problems = Vec::new();
+    let mut credentials = Vec::new();
+    for c in &manifest.credentials {
+        let req = LeaseRequest {
+            agent: agent.clone(),
+            session: "manifest-check".into(),
+            secret: c.secret.clone(),
+            ask: LeaseAsk {
+                domains: c.domains.clone(),
+                ttl: c.ttl,
+                max_uses: c.max_uses,
+            },
+        };
+        match vault.check_grant(&req) {
+            Ok(t) => credentials.push(serde_json::json!({
+                "secret": c.secret,
+                "grant": t.grant_id,
+                "domains": t.domains,
+                "ttl_seconds": t.ttl.as_secs(),
+                "renewable": t.renewable,
+            })),
+            Err(e) => problems.push(format!("credential `{}`: {e}", c.secret)),
+        }
+    }
+    if j {
+        json(&serde_json::json!({
+            "ok": problems.is_empty(),
+            "file": file,
+            "name": manifest.name,
+            "image": manifest.image,
+            "agent": agent,
+            "credentials": credentials,
+            "allow": manifest.allow.iter().map(|a| serde_json::json!({"domain": a.domain, "ports": a.ports})).collect::<Vec<_>>(),
+            "problems": problems,
+        }))?;
+    } else if problems.is_empty() {
+        println!(
+            "{}: ok — session `{}` on image `{}`, {} credential(s) granted to agent `{agent}`, {} allowed domain(s)",
+            file.display(),
+            manifest.name,
+            manifest.image,
+            manifest.credentials.len(),
+            manifest.allow.len()
+        );
+    } else {
+        for p in &problems {
+            eprintln!("error: {}: {p}", file.display());
+        }
+    }
+    Ok(if problems.is_empty() {
+        ExitStatus::Success
+    } else {
+        ExitStatus::Denied
+    })
 }
 
 fn join(d: &[DomainPattern]) -> String {

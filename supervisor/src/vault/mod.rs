@@ -34,7 +34,9 @@ pub use audit::{AuditFilter, AuditKind, AuditRecord, Outcome, StoredRecord, Veri
 use crypto::{AeadKey, CryptoError, Sealed};
 pub use keysource::{EnvKeys, KeyError, KeySource, KeySourceKind, KeyringBackend};
 pub use lease::{Lease, LeaseId, LeaseRefusal, LeaseStatus};
-pub use policy::{AgentPattern, Grant, GrantSpec, LeaseAsk, PolicyDenial, PolicyDocument};
+pub use policy::{
+    AgentPattern, Grant, GrantSpec, LeaseAsk, LeaseTerms, PolicyDenial, PolicyDocument,
+};
 pub use secret::SecretValue;
 use store::{CachedExt, Store, db_error, try_append};
 
@@ -841,6 +843,22 @@ impl Vault {
                 Ok(Ok(lease))
             })
             .and_then(|r| r)
+    }
+
+    /// What `grant` would decide for `req`, without granting or recording
+    /// anything; for `zerolease manifest check`.
+    pub fn check_grant(&self, req: &LeaseRequest) -> Result<policy::LeaseTerms, VaultError> {
+        let req = req.clone();
+        self.store.run(move |conn, _| {
+            let denied = |denial| VaultError::Denied {
+                agent: req.agent.clone(),
+                secret: req.secret.clone(),
+                denial,
+            };
+            load_secret(conn, &req.secret)?;
+            let grants = load_grants(conn)?;
+            policy::evaluate(&grants, &req.agent, &req.secret, &req.ask).map_err(denied)
+        })
     }
 
     /// Uses a lease for `domain`: checks it, counts the use, records it, and

@@ -1,0 +1,202 @@
+//! The test "internet": HTTPS servers with certificates from a CA made for
+//! the test, run inside a namespace the test created.
+//!
+//! Routes: `/hello`; `/bytes/N` (N bytes, as fast as possible);
+//! `/slow/N` (N bytes, 16 KiB every 10 ms, for transfers that are still
+//! running when a lease is revoked); `/auth` (200 only with
+//! `Authorization: Bearer <token>`). Every request gets `Connection: close`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use crate::Netns;
+
+/// A certificate authority made for one test, and a leaf for some names.
+pub struct TestCa {
+    ca_pem: String,
+    server: Arc<rustls::ServerConfig>,
+}
+
+impl TestCa {
+    /// A fresh CA and one leaf certificate valid for `names`.
+    pub fn new(names: &[&str]) -> TestCa {
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "zerolease e2e test CA");
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+            .unwrap();
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(
+            names.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        )
+        .unwrap()
+        .signed_by(&leaf_key, &ca)
+        .unwrap();
+        let server = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![CertificateDer::from(leaf.der().to_vec())],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
+            )
+            .unwrap();
+        TestCa {
+            ca_pem: ca.pem(),
+            server: Arc::new(server),
+        }
+    }
+
+    /// Writes the CA certificate for `curl --cacert`.
+    pub fn write_ca(&self, dir: &Path) -> PathBuf {
+        let path = dir.join("test-ca.pem");
+        std::fs::write(&path, &self.ca_pem).unwrap();
+        path
+    }
+}
+
+/// A running HTTPS server; stopped when dropped.
+pub struct HttpsServer {
+    pub addr: SocketAddr,
+    stop: CancellationToken,
+    thread: Option<std::thread::JoinHandle<()>>,
+    requests: Arc<AtomicU64>,
+}
+
+impl HttpsServer {
+    /// Starts a server on `addr` inside `ns`. `token` is what `/auth` wants.
+    pub fn start(ns: &Arc<Netns>, addr: SocketAddr, ca: &TestCa, token: Option<&str>) -> HttpsServer {
+        let stop = CancellationToken::new();
+        let requests = Arc::new(AtomicU64::new(0));
+        let acceptor = TlsAcceptor::from(ca.server.clone());
+        let token = token.map(str::to_owned);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = {
+            let (ns, stop, requests) = (ns.clone(), stop.clone(), requests.clone());
+            std::thread::spawn(move || {
+                ns.block_on(|| async move {
+                    let listener = TcpListener::bind(addr).await.expect("bind upstream");
+                    ready_tx.send(listener.local_addr().unwrap()).unwrap();
+                    loop {
+                        let (sock, _) = tokio::select! {
+                            _ = stop.cancelled() => break,
+                            r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+                        };
+                        let (acceptor, token, requests, stop) =
+                            (acceptor.clone(), token.clone(), requests.clone(), stop.clone());
+                        tokio::spawn(async move {
+                            let Ok(tls) = acceptor.accept(sock).await else { return };
+                            requests.fetch_add(1, Ordering::SeqCst);
+                            tokio::select! {
+                                _ = stop.cancelled() => {}
+                                _ = serve(tls, token.as_deref()) => {}
+                            }
+                        });
+                    }
+                })
+            })
+        };
+        let addr = ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("upstream started");
+        HttpsServer {
+            addr,
+            stop,
+            thread: Some(thread),
+            requests,
+        }
+    }
+
+    /// TLS connections that completed a handshake.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for HttpsServer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut s: S, token: Option<&str>) {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 2048];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+        if head.len() > 16 * 1024 {
+            return;
+        }
+    }
+    let text = String::from_utf8_lossy(&head);
+    let mut lines = text.split("\r\n");
+    let path = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .unwrap_or("/")
+        .to_owned();
+    let auth = lines
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("authorization").then(|| v.trim().to_owned())
+        })
+        .unwrap_or_default();
+    let n_of = |p: &str| p.parse::<u64>().unwrap_or(0);
+    match path.as_str() {
+        "/hello" => respond(&mut s, 200, b"hello from upstream\n").await,
+        "/auth" => match token {
+            Some(t) if auth == format!("Bearer {t}") => respond(&mut s, 200, b"authorized\n").await,
+            _ => respond(&mut s, 401, b"unauthorized\n").await,
+        },
+        p if p.starts_with("/bytes/") => stream(&mut s, n_of(&p[7..]), None).await,
+        p if p.starts_with("/slow/") => {
+            stream(&mut s, n_of(&p[6..]), Some(Duration::from_millis(10))).await
+        }
+        _ => respond(&mut s, 404, b"not found\n").await,
+    }
+}
+
+async fn respond<S: tokio::io::AsyncWrite + Unpin>(s: &mut S, code: u16, body: &[u8]) {
+    let head = format!(
+        "HTTP/1.1 {code} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = s.write_all(head.as_bytes()).await;
+    let _ = s.write_all(body).await;
+    let _ = s.shutdown().await;
+}
+
+async fn stream<S: tokio::io::AsyncWrite + Unpin>(s: &mut S, n: u64, pace: Option<Duration>) {
+    let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n");
+    if s.write_all(head.as_bytes()).await.is_err() {
+        return;
+    }
+    let chunk = vec![b'x'; if pace.is_some() { 16 * 1024 } else { 64 * 1024 }];
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(chunk.len() as u64) as usize;
+        if s.write_all(&chunk[..k]).await.is_err() {
+            return;
+        }
+        left -= k as u64;
+        if let Some(p) = pace {
+            tokio::time::sleep(p).await;
+        }
+    }
+    let _ = s.shutdown().await;
+}
