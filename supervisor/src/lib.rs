@@ -6,3 +6,4 @@
 //! `ARCHITECTURE.md` for the code map.
 
 pub mod domain;
+pub mod proxy;
