@@ -352,9 +352,19 @@ impl Conn {
             )
             .await
         };
-        // Both directions end here: FIN (or RST, with unread data) to both.
-        let _ = client.shutdown().await;
-        let _ = upstream.shutdown().await;
+        // Both directions end here. A cut (revocation, expiry) or an error
+        // resets both connections, discarding what is still buffered, so no
+        // byte moves after the cut; an orderly end sends FIN to both.
+        if matches!(
+            end,
+            TunnelEnd::Revoked | TunnelEnd::Expired | TunnelEnd::Error
+        ) {
+            let _ = client.set_zero_linger();
+            let _ = upstream.set_zero_linger();
+        } else {
+            let _ = client.shutdown().await;
+            let _ = upstream.shutdown().await;
+        }
         drop(client);
         drop(upstream);
         drop(guard);
