@@ -16,6 +16,7 @@
 
 pub mod addr;
 pub mod connect;
+pub mod dns;
 pub mod events;
 pub mod policy;
 pub mod props;
