@@ -334,7 +334,7 @@ async fn leased_name_via_connect_carries_real_tls_end_to_end() {
     assert_eq!(
         rec.kind,
         EntryKind::Lease {
-            secret: "github-pat".into()
+            secret_name: "github-pat".into()
         }
     );
     assert_eq!(rec.host, name("git.test"));
@@ -825,6 +825,30 @@ async fn expiry_cuts_live_tunnels_on_its_own_clock() {
     .await;
     assert!(recs.iter().all(|r| r.end == TunnelEnd::Expired));
     expect_refused(l.explicit, &format!("bulk.test:{}", up.port()), "403").await;
+}
+
+#[tokio::test]
+async fn access_fails_closed_when_it_cannot_be_audited() {
+    let up = echo_upstream().await;
+    let mut p = Proxy::new(loopback_config(), &[("git.test", "127.0.0.1")]);
+    let l = p.serve("s1").await;
+    p.grant(
+        "s1",
+        Entry::allow("git", pats(&["git.test"])).with_ports(vec![up.port()]),
+    );
+    p.events.set_fail_opening(true);
+    expect_refused(l.explicit, &format!("git.test:{}", up.port()), "503").await;
+    assert_eq!(p.refusal().await, RefusalReason::AuditFailed);
+    assert!(
+        p.registry
+            .snapshot(&SessionId::new("s1"))
+            .unwrap()
+            .tunnels
+            .is_empty()
+    );
+    p.events.set_fail_opening(false);
+    let (_s, status) = connect_via(l.explicit, &format!("git.test:{}", up.port())).await;
+    assert!(status.contains("200"), "{status}");
 }
 
 #[tokio::test]

@@ -10,6 +10,7 @@
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::domain::HostName;
@@ -75,6 +76,8 @@ pub enum RefusalReason {
     ResolveFailed,
     /// No checked address accepted the connection.
     ConnectFailed,
+    /// The audit sink could not record the access (fail closed).
+    AuditFailed,
 }
 
 impl fmt::Display for RefusalReason {
@@ -94,6 +97,7 @@ impl fmt::Display for RefusalReason {
             RefusalReason::TooManyTunnels => "too many open connections for this session",
             RefusalReason::ResolveFailed => "the host name did not resolve",
             RefusalReason::ConnectFailed => "could not connect to the host",
+            RefusalReason::AuditFailed => "the access could not be audited",
         };
         f.write_str(s)
     }
@@ -130,9 +134,38 @@ pub struct RefusalRecord {
     pub reason: RefusalReason,
 }
 
-/// Receives the proxy's records. Implementations must not block.
+/// A tunnel whose upstream TCP connection exists but that has carried no
+/// byte yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelOpening {
+    pub session: SessionId,
+    pub front_end: FrontEnd,
+    pub entry: EntryId,
+    pub kind: EntryKind,
+    pub host: HostName,
+    pub address: SocketAddr,
+}
+
+/// The audit sink could not record an access; the access is refused.
+#[derive(Debug, thiserror::Error)]
+#[error("could not record the proxy access in the audit log")]
+pub struct AuditError {
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+/// Receives the proxy's records. Implementations must not block for long:
+/// they run on the connection's task.
 pub trait ProxyEvents: Send + Sync + fmt::Debug {
+    /// Called before the first byte moves. An error refuses the tunnel
+    /// (invariant 6: no access without its audit record).
+    fn tunnel_opening(&self, record: &TunnelOpening) -> Result<(), AuditError> {
+        let _ = record;
+        Ok(())
+    }
+    /// Called once the tunnel is closed in both directions.
     fn tunnel_closed(&self, record: TunnelRecord);
+    /// Called once per refused connection.
     fn refused(&self, record: RefusalRecord);
 }
 
@@ -147,11 +180,18 @@ pub enum ProxyEvent {
 #[derive(Debug, Default)]
 pub struct MemoryEvents {
     events: Mutex<Vec<ProxyEvent>>,
+    fail_opening: AtomicBool,
 }
 
 impl MemoryEvents {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Makes [`ProxyEvents::tunnel_opening`] fail, as a broken audit log
+    /// would.
+    pub fn set_fail_opening(&self, fail: bool) {
+        self.fail_opening.store(fail, Ordering::SeqCst);
     }
 
     pub fn events(&self) -> Vec<ProxyEvent> {
@@ -185,6 +225,14 @@ impl MemoryEvents {
 }
 
 impl ProxyEvents for MemoryEvents {
+    fn tunnel_opening(&self, _: &TunnelOpening) -> Result<(), AuditError> {
+        if self.fail_opening.load(Ordering::SeqCst) {
+            return Err(AuditError {
+                source: "audit log unavailable (test)".into(),
+            });
+        }
+        Ok(())
+    }
     fn tunnel_closed(&self, record: TunnelRecord) {
         self.lock().push(ProxyEvent::Tunnel(record));
     }

@@ -69,7 +69,7 @@ name_type!(
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum EntryKind {
     /// A credential lease for the secret with this name.
-    Lease { secret: String },
+    Lease { secret_name: String },
     /// A credential-less allow entry.
     Allow,
 }
@@ -89,7 +89,7 @@ pub struct Entry {
 impl Entry {
     pub fn lease(
         id: impl Into<String>,
-        secret: impl Into<String>,
+        secret_name: impl Into<String>,
         patterns: Vec<DomainPattern>,
         expires_at: Option<Instant>,
     ) -> Self {
@@ -98,7 +98,7 @@ impl Entry {
             patterns,
             ports: vec![443],
             kind: EntryKind::Lease {
-                secret: secret.into(),
+                secret_name: secret_name.into(),
             },
             expires_at,
         }
@@ -130,6 +130,8 @@ impl Entry {
 pub enum RegistryError {
     #[error("session `{0}` is not registered with the proxy")]
     UnknownSession(SessionId),
+    #[error("entry `{0}` has an expiry but `grant` was called outside a tokio runtime")]
+    NoRuntime(EntryId),
 }
 
 /// Why a tunnel's entry was cut.
@@ -300,6 +302,14 @@ impl ProxyRegistry {
     /// and ports (a renewal) keeps its tunnels and only moves the expiry;
     /// any other change cuts the old entry's tunnels first.
     pub fn grant(&self, session: &SessionId, entry: Entry) -> Result<(), RegistryError> {
+        // The expiry timer needs a runtime; check before touching state.
+        let runtime = match entry.expires_at {
+            Some(_) => Some(
+                tokio::runtime::Handle::try_current()
+                    .map_err(|_| RegistryError::NoRuntime(entry.id.clone()))?,
+            ),
+            None => None,
+        };
         let mut guard = self.lock();
         let inner = &mut *guard;
         inner.next_id += 1;
@@ -321,15 +331,16 @@ impl ProxyRegistry {
             }
             None => Cut::default(),
         };
-        let timer = entry.expires_at.map(|at| {
+        let timer = entry.expires_at.zip(runtime).map(|(at, runtime)| {
             let weak = Arc::downgrade(&self.inner);
             let session = session.clone();
             let id = entry.id.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep_until(at).await;
-                expire(&weak, &session, &id, generation);
-            })
-            .abort_handle()
+            runtime
+                .spawn(async move {
+                    tokio::time::sleep_until(at).await;
+                    expire(&weak, &session, &id, generation);
+                })
+                .abort_handle()
         });
         state.entries.insert(
             entry.id.clone(),
@@ -730,6 +741,25 @@ mod tests {
         // Narrowing the scope is not a renewal: old tunnels are cut.
         r.grant(&sid("s"), e.with_ports(vec![8443])).unwrap();
         assert!(adm.cut.is_cut());
+    }
+
+    #[test]
+    fn expiring_grant_outside_a_runtime_is_an_error_not_a_panic() {
+        let r = ProxyRegistry::new();
+        r.add_session(sid("s"));
+        let at = Instant::now() + Duration::from_secs(1);
+        let e = Entry::lease("l", "tok", pats(&["a.example"]), Some(at));
+        assert_eq!(
+            r.grant(&sid("s"), e),
+            Err(RegistryError::NoRuntime(EntryId::new("l")))
+        );
+        // Without an expiry no runtime is needed.
+        r.grant(&sid("s"), Entry::allow("a", pats(&["a.example"])))
+            .unwrap();
+        assert_eq!(
+            r.snapshot(&sid("s")).unwrap().entries,
+            vec![EntryId::new("a")]
+        );
     }
 
     #[tokio::test]

@@ -26,7 +26,9 @@ use crate::domain::HostName;
 
 use super::addr::AllowedCidrs;
 use super::connect::{ConnectParse, MAX_HEAD, RequestError, TargetHost, parse_connect};
-use super::events::{FrontEnd, ProxyEvents, RefusalReason, RefusalRecord, TunnelEnd, TunnelRecord};
+use super::events::{
+    FrontEnd, ProxyEvents, RefusalReason, RefusalRecord, TunnelEnd, TunnelOpening, TunnelRecord,
+};
 use super::policy::check_answers;
 use super::registry::{Admission, Counters, CutReason, ProxyRegistry, SessionId, TunnelGuard};
 use super::resolve::Resolver;
@@ -311,6 +313,18 @@ impl Conn {
         }
         let (stream, address) = connected.ok_or_else(|| refuse(RefusalReason::ConnectFailed))?;
         let _ = stream.set_nodelay(true);
+        let opening = TunnelOpening {
+            session: self.session.clone(),
+            front_end: self.front_end,
+            entry: admission.entry.id.clone(),
+            kind: admission.entry.kind.clone(),
+            host: host.clone(),
+            address,
+        };
+        if let Err(e) = st.events.tunnel_opening(&opening) {
+            tracing::warn!(error = %e, "proxy access refused: audit failed");
+            return Err(refuse(RefusalReason::AuditFailed));
+        }
         let guard = st
             .registry
             .register_tunnel(
@@ -476,6 +490,7 @@ pub fn refusal_response(reason: RefusalReason) -> String {
         RefusalReason::Timeout => "408 Request Timeout",
         RefusalReason::TooManyTunnels => "429 Too Many Requests",
         RefusalReason::ResolveFailed | RefusalReason::ConnectFailed => "502 Bad Gateway",
+        RefusalReason::AuditFailed => "503 Service Unavailable",
     };
     let body = format!("zerolease proxy: {reason}\n");
     format!(
