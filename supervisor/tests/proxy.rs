@@ -24,6 +24,11 @@ use zerolease::proxy::server::{ProxyConfig, ProxyState, run_explicit, run_transp
 
 // ---------------------------------------------------------------- harness
 
+/// The cut-off measurements run alone: every other test in this binary takes
+/// a shared guard, those two take it exclusively, so TLS handshakes in
+/// neighbouring tests do not eat the CPU they are timing.
+static TIMING: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 /// Counts every query, then answers from overrides.
 #[derive(Debug)]
 struct CountingResolver {
@@ -266,7 +271,7 @@ async fn echo_upstream() -> SocketAddr {
     addr
 }
 
-/// An upstream that streams 1 KiB every 2 ms to each client and reports
+/// An upstream that streams 1 KiB every 5 ms to each client and reports
 /// when its side of the connection died.
 async fn streaming_upstream() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Instant>) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -281,7 +286,7 @@ async fn streaming_upstream() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiv
                     if s.write_all(&chunk).await.is_err() {
                         break;
                     }
-                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 let _ = tx.send(Instant::now());
             });
@@ -301,6 +306,7 @@ fn tls_connector(roots: rustls::RootCertStore) -> TlsConnector {
 
 #[tokio::test]
 async fn leased_name_via_connect_carries_real_tls_end_to_end() {
+    let _timing = TIMING.read().await;
     let ca = test_ca(&["git.test"]);
     let up = tls_echo_upstream(ca.acceptor.clone()).await;
     let mut p = Proxy::new(loopback_config(), &[("git.test", "127.0.0.1")]);
@@ -350,6 +356,7 @@ async fn leased_name_via_connect_carries_real_tls_end_to_end() {
 
 #[tokio::test]
 async fn unleased_name_is_refused_before_any_dns_query() {
+    let _timing = TIMING.read().await;
     let mut p = Proxy::new(loopback_config(), &[("other.test", "127.0.0.1")]);
     let l = p.serve("s1").await;
     p.grant("s1", Entry::allow("allowed", pats(&["git.test"])));
@@ -372,6 +379,7 @@ async fn unleased_name_is_refused_before_any_dns_query() {
 
 #[tokio::test]
 async fn ports_other_than_the_allowed_ones_are_refused() {
+    let _timing = TIMING.read().await;
     let mut p = Proxy::new(loopback_config(), &[("git.test", "127.0.0.1")]);
     let l = p.serve("s1").await;
     p.grant("s1", Entry::allow("git", pats(&["git.test"])));
@@ -384,6 +392,7 @@ async fn ports_other_than_the_allowed_ones_are_refused() {
 
 #[tokio::test]
 async fn ip_literals_are_refused_unless_leased_exactly() {
+    let _timing = TIMING.read().await;
     let up = echo_upstream().await;
     let mut p = Proxy::new(loopback_config(), &[]);
     let l = p.serve("s1").await;
@@ -411,6 +420,7 @@ async fn ip_literals_are_refused_unless_leased_exactly() {
 
 #[tokio::test]
 async fn private_answers_are_refused_without_a_cidr_allowance() {
+    let _timing = TIMING.read().await;
     let up = echo_upstream().await;
     let mut p = Proxy::new(
         ProxyConfig::default(),
@@ -451,6 +461,7 @@ async fn private_answers_are_refused_without_a_cidr_allowance() {
 
 #[tokio::test]
 async fn requests_other_than_connect_and_malformed_heads_are_refused() {
+    let _timing = TIMING.read().await;
     let mut p = Proxy::new(loopback_config(), &[]);
     let l = p.serve("s1").await;
     let cases: &[(&[u8], &str, RefusalReason)] = &[
@@ -507,6 +518,7 @@ async fn requests_other_than_connect_and_malformed_heads_are_refused() {
 
 #[tokio::test]
 async fn slow_request_heads_time_out() {
+    let _timing = TIMING.read().await;
     let config = ProxyConfig {
         header_timeout: Duration::from_millis(200),
         ..loopback_config()
@@ -532,6 +544,7 @@ async fn slow_request_heads_time_out() {
 
 #[tokio::test]
 async fn concurrent_connections_per_session_are_bounded() {
+    let _timing = TIMING.read().await;
     let up = echo_upstream().await;
     let mut p = Proxy::with_registry(
         ProxyRegistry::with_max_tunnels(2),
@@ -559,6 +572,7 @@ async fn concurrent_connections_per_session_are_bounded() {
 
 #[tokio::test]
 async fn idle_tunnels_are_closed() {
+    let _timing = TIMING.read().await;
     let up = echo_upstream().await;
     let config = ProxyConfig {
         idle_timeout: Duration::from_millis(200),
@@ -582,6 +596,7 @@ async fn idle_tunnels_are_closed() {
 
 #[tokio::test]
 async fn transparent_mode_routes_by_sni_to_the_names_own_address() {
+    let _timing = TIMING.read().await;
     let ca = test_ca(&["git.test"]);
     let up = tls_echo_upstream(ca.acceptor.clone()).await;
     let config = ProxyConfig {
@@ -627,6 +642,7 @@ async fn transparent_mode_routes_by_sni_to_the_names_own_address() {
 
 #[tokio::test]
 async fn transparent_mode_refuses_hellos_without_one_valid_sni() {
+    let _timing = TIMING.read().await;
     let mut p = Proxy::new(loopback_config(), &[]);
     let l = p.serve("s1").await;
     let cases: Vec<(Vec<u8>, RefusalReason)> = vec![
@@ -659,6 +675,7 @@ async fn transparent_mode_refuses_hellos_without_one_valid_sni() {
 
 #[tokio::test]
 async fn two_sessions_cannot_use_each_others_entries() {
+    let _timing = TIMING.read().await;
     let up = echo_upstream().await;
     let mut p = Proxy::new(
         loopback_config(),
@@ -724,6 +741,7 @@ fn percentile(mut v: Vec<Duration>, p: usize) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_a_lease_cuts_100_live_tunnels_within_50ms() {
+    let _timing = TIMING.write().await;
     let (up, mut upstream_ends) = streaming_upstream().await;
     let mut p = Proxy::new(loopback_config(), &[("bulk.test", "127.0.0.1")]);
     let l = p.serve("s1").await;
@@ -788,6 +806,7 @@ async fn revoking_a_lease_cuts_100_live_tunnels_within_50ms() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expiry_cuts_live_tunnels_on_its_own_clock() {
+    let _timing = TIMING.write().await;
     let (up, mut upstream_ends) = streaming_upstream().await;
     let mut p = Proxy::new(loopback_config(), &[("bulk.test", "127.0.0.1")]);
     let l = p.serve("s1").await;
@@ -829,6 +848,7 @@ async fn expiry_cuts_live_tunnels_on_its_own_clock() {
 
 #[tokio::test]
 async fn access_fails_closed_when_it_cannot_be_audited() {
+    let _timing = TIMING.read().await;
     let up = echo_upstream().await;
     let mut p = Proxy::new(loopback_config(), &[("git.test", "127.0.0.1")]);
     let l = p.serve("s1").await;
@@ -853,6 +873,7 @@ async fn access_fails_closed_when_it_cannot_be_audited() {
 
 #[tokio::test]
 async fn shutdown_closes_tunnels_and_returns() {
+    let _timing = TIMING.read().await;
     let up = echo_upstream().await;
     let mut p = Proxy::new(loopback_config(), &[("git.test", "127.0.0.1")]);
     let l = p.serve("s1").await;

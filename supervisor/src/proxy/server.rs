@@ -180,23 +180,29 @@ impl Conn {
             Err(reason) => return self.refuse(&mut client, Refusal::new(reason)).await,
         };
         let _ = client.set_nodelay(true);
-        let outcome = match self.front_end {
-            FrontEnd::Explicit => self.explicit(&mut client).await,
-            FrontEnd::Transparent => self.transparent(&mut client).await,
+        let set_up = async {
+            match self.front_end {
+                FrontEnd::Explicit => self.explicit(&mut client).await,
+                FrontEnd::Transparent => self.transparent(&mut client).await,
+            }
+        };
+        // Shutdown does not wait for a slow client's head or a slow dial.
+        let outcome = tokio::select! {
+            _ = self.shutdown.cancelled() => return,
+            o = set_up => o,
         };
         match outcome {
-            Ok(Some((host, upstream, early))) => self.tunnel(client, host, upstream, early).await,
-            Ok(None) => {}
+            Ok((host, upstream, early)) => self.tunnel(client, host, upstream, early).await,
             Err(refusal) => self.refuse(&mut client, refusal).await,
         }
     }
 
-    /// Reads a CONNECT head; on success answers 200 and returns the
-    /// upstream plus any payload the client sent early.
+    /// Reads a CONNECT head; returns the upstream plus any payload the
+    /// client sent early. [`Conn::tunnel`] answers `200`.
     async fn explicit(
         &self,
         client: &mut TcpStream,
-    ) -> Result<Option<(HostName, Upstream, Vec<u8>)>, Refusal> {
+    ) -> Result<(HostName, Upstream, Vec<u8>), Refusal> {
         let mut buf = Vec::with_capacity(1024);
         let head = read_until(
             client,
@@ -223,24 +229,15 @@ impl Conn {
             }
         };
         let upstream = self.dial(&host, target.port).await?;
-        // The 200 goes out only after the upstream connection exists, so a
-        // client never sees success for a tunnel that cannot open.
-        if client
-            .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
-            .await
-            .is_err()
-        {
-            return Ok(None);
-        }
         let early = buf.split_off(head_len);
-        Ok(Some((host, upstream, early)))
+        Ok((host, upstream, early))
     }
 
     /// Reads a ClientHello; the bytes read are replayed to the upstream.
     async fn transparent(
         &self,
         client: &mut TcpStream,
-    ) -> Result<Option<(HostName, Upstream, Vec<u8>)>, Refusal> {
+    ) -> Result<(HostName, Upstream, Vec<u8>), Refusal> {
         let mut buf = Vec::with_capacity(2048);
         let parsed = read_until(
             client,
@@ -259,7 +256,7 @@ impl Conn {
             SniParse::Incomplete => return Err(Refusal::new(RefusalReason::Malformed)),
         };
         let upstream = self.dial(&host, self.state.config.transparent_port).await?;
-        Ok(Some((host, upstream, buf)))
+        Ok((host, upstream, buf))
     }
 
     /// Lease check, resolution, address check, connect, registration — in
@@ -352,20 +349,28 @@ impl Conn {
         } = up;
         let started = Instant::now();
         let counters = guard.counters().clone();
-        let end = if !early.is_empty() && upstream.write_all(&early).await.is_err() {
-            TunnelEnd::Error
-        } else {
-            counters.up.fetch_add(early.len() as u64, Ordering::Relaxed);
-            copy_loop(
-                &mut client,
-                &mut upstream,
-                &counters,
-                &admission,
-                &self.shutdown,
-                self.state.config.idle_timeout,
-            )
-            .await
-        };
+        // The 200 goes out only once the upstream connection exists, so a
+        // client never sees success for a tunnel that cannot open.
+        let reply_failed = self.front_end == FrontEnd::Explicit
+            && client
+                .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                .await
+                .is_err();
+        let end =
+            if reply_failed || (!early.is_empty() && upstream.write_all(&early).await.is_err()) {
+                TunnelEnd::Error
+            } else {
+                counters.up.fetch_add(early.len() as u64, Ordering::Relaxed);
+                copy_loop(
+                    &mut client,
+                    &mut upstream,
+                    &counters,
+                    &admission,
+                    &self.shutdown,
+                    self.state.config.idle_timeout,
+                )
+                .await
+            };
         // Both directions end here. A cut (revocation, expiry) or an error
         // resets both connections, discarding what is still buffered, so no
         // byte moves after the cut; an orderly end sends FIN to both.
