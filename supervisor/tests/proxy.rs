@@ -641,6 +641,39 @@ async fn transparent_mode_routes_by_sni_to_the_names_own_address() {
 }
 
 #[tokio::test]
+async fn transparent_mode_reassembles_a_segmented_hello_and_replays_it_unchanged() {
+    let _timing = TIMING.read().await;
+    // A plain echo upstream sends the replayed ClientHello straight back, so
+    // the client can compare it with what it sent.
+    let up = echo_upstream().await;
+    let config = ProxyConfig {
+        transparent_port: up.port(),
+        ..loopback_config()
+    };
+    let mut p = Proxy::new(config, &[("git.test", "127.0.0.1")]);
+    let l = p.serve("s1").await;
+    p.grant(
+        "s1",
+        Entry::allow("git", pats(&["git.test"])).with_ports(vec![up.port()]),
+    );
+    // Records of 50 bytes, sent in TCP segments of 17 bytes.
+    let hello = zerolease::proxy::sni::build_client_hello(&[b"git.test"], 50);
+    let mut s = TcpStream::connect(l.transparent).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    for seg in hello.chunks(17) {
+        s.write_all(seg).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let mut back = vec![0u8; hello.len()];
+    s.read_exact(&mut back).await.unwrap();
+    assert_eq!(back, hello);
+    drop(s);
+    let rec = eventually(|| p.events.tunnels().pop()).await;
+    assert_eq!(rec.host, name("git.test"));
+    assert_eq!(rec.bytes_up, hello.len() as u64);
+}
+
+#[tokio::test]
 async fn transparent_mode_refuses_hellos_without_one_valid_sni() {
     let _timing = TIMING.read().await;
     let mut p = Proxy::new(loopback_config(), &[]);

@@ -84,3 +84,77 @@ fn assert_name_is_canonical(name: &HostName) {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::proxy::sni::build_client_hello;
+
+    proptest! {
+        #[test]
+        fn connect_property_on_random_bytes(data in proptest::collection::vec(any::<u8>(), 0..600)) {
+            connect_property(&data);
+        }
+
+        #[test]
+        fn connect_property_on_near_valid_heads(
+            host in "[a-zA-Z0-9.@:_\\[\\]-]{0,40}",
+            port in "[0-9+-]{0,7}",
+            headers in 0usize..80,
+            lf_only in any::<bool>(),
+        ) {
+            let eol = if lf_only { "\n" } else { "\r\n" };
+            let mut req = format!("CONNECT {host}:{port} HTTP/1.1{eol}");
+            for i in 0..headers {
+                req.push_str(&format!("X-{i}: v{eol}"));
+            }
+            req.push_str(eol);
+            connect_property(req.as_bytes());
+        }
+
+        #[test]
+        fn sni_property_on_random_bytes(data in proptest::collection::vec(any::<u8>(), 0..600)) {
+            sni_property(&data);
+        }
+
+        #[test]
+        fn any_split_of_a_valid_hello_yields_its_name(
+            labels in proptest::collection::vec("[a-z0-9]{1,10}", 1..5),
+            record in 1usize..300,
+            flip in proptest::option::of((any::<prop::sample::Index>(), any::<u8>())),
+        ) {
+            let name = labels.join(".") + ".test";
+            let mut hello = build_client_hello(&[name.as_bytes()], record);
+            let pristine = flip.is_none();
+            if let Some((at, byte)) = flip {
+                let i = at.index(hello.len());
+                hello[i] = byte;
+            }
+            sni_property(&hello);
+            if pristine {
+                match parse_client_hello(&hello) {
+                    SniParse::Sni { name: got, hello_end } => {
+                        prop_assert_eq!(got.as_str(), name.as_str());
+                        prop_assert_eq!(hello_end, hello.len());
+                    }
+                    other => prop_assert!(false, "{:?}", other),
+                }
+            }
+        }
+
+        #[test]
+        fn domain_property_on_random_text(pattern in "\\PC{0,30}", name in "\\PC{0,30}") {
+            domain_property(format!("{pattern}\n{name}").as_bytes());
+        }
+
+        #[test]
+        fn domain_property_on_name_like_text(
+            pattern in "(\\*\\.)?[a-zA-Z0-9.-]{1,20}",
+            name in "[a-zA-Z0-9.-]{1,30}",
+        ) {
+            domain_property(format!("{pattern}\n{name}").as_bytes());
+        }
+    }
+}
