@@ -20,7 +20,9 @@ use zerolease::proxy::addr::AllowedCidrs;
 use zerolease::proxy::events::{FrontEnd, MemoryEvents, RefusalReason, TunnelEnd};
 use zerolease::proxy::registry::{Entry, EntryId, EntryKind, ProxyRegistry, SessionId};
 use zerolease::proxy::resolve::{OverrideResolver, ResolveFuture, Resolver};
-use zerolease::proxy::server::{ProxyConfig, ProxyState, run_explicit, run_transparent};
+use zerolease::proxy::server::{
+    ProxyConfig, ProxyState, SessionListeners, run_explicit, run_session, run_transparent,
+};
 
 // ---------------------------------------------------------------- harness
 
@@ -902,6 +904,84 @@ async fn access_fails_closed_when_it_cannot_be_audited() {
     p.events.set_fail_opening(false);
     let (_s, status) = connect_via(l.explicit, &format!("git.test:{}", up.port())).await;
     assert!(status.contains("200"), "{status}");
+}
+
+#[tokio::test]
+async fn run_session_serves_every_front_end_it_is_given() {
+    let _timing = TIMING.read().await;
+    use hickory_proto::op::{Message, MessageType, OpCode, Query};
+    use hickory_proto::rr::{Name, RData, RecordType};
+    use zerolease::proxy::dns::DnsStubConfig;
+
+    let up = echo_upstream().await;
+    let registry = ProxyRegistry::new();
+    let session = SessionId::new("whole");
+    registry.add_session(session.clone());
+    registry
+        .grant(
+            &session,
+            Entry::allow("git", pats(&["git.test"])).with_ports(vec![up.port()]),
+        )
+        .unwrap();
+    let events = Arc::new(MemoryEvents::new());
+    let state = ProxyState::new(
+        registry,
+        Arc::new(OverrideResolver::new(HashMap::from([(
+            name("git.test"),
+            vec![up.ip()],
+        )]))),
+        events.clone(),
+        loopback_config(),
+    );
+    let explicit = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let explicit_addr = explicit.local_addr().unwrap();
+    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let udp_addr = udp.local_addr().unwrap();
+    let listeners = SessionListeners {
+        explicit: Some(explicit),
+        dns_udp: Some(udp),
+        dns: Some(DnsStubConfig {
+            answer: "10.200.0.1".parse().unwrap(),
+            ttl: 5,
+        }),
+        ..SessionListeners::default()
+    };
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(run_session(listeners, session, state, shutdown.clone()));
+
+    let (mut s, status) = connect_via(explicit_addr, &format!("git.test:{}", up.port())).await;
+    assert!(status.contains("200"), "{status}");
+    s.write_all(b"z").await.unwrap();
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).await.unwrap();
+
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut q = Message::new(1, MessageType::Query, OpCode::Query);
+    q.add_query(Query::query(
+        Name::from_ascii("git.test.").unwrap(),
+        RecordType::A,
+    ));
+    client
+        .send_to(&q.to_vec().unwrap(), udp_addr)
+        .await
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let r = Message::from_vec(&buf[..n]).unwrap();
+    assert_eq!(
+        r.answers[0].data,
+        RData::A("10.200.0.1".parse::<std::net::Ipv4Addr>().unwrap().into())
+    );
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(events.tunnels().pop().unwrap().end, TunnelEnd::Shutdown);
 }
 
 #[tokio::test]

@@ -71,6 +71,72 @@ pub struct ProxyState {
     pub config: Arc<ProxyConfig>,
 }
 
+impl ProxyState {
+    pub fn new(
+        registry: ProxyRegistry,
+        resolver: Arc<dyn Resolver>,
+        events: Arc<dyn ProxyEvents>,
+        config: ProxyConfig,
+    ) -> Self {
+        ProxyState {
+            registry,
+            resolver,
+            events,
+            config: Arc::new(config),
+        }
+    }
+}
+
+/// The sockets one session's proxy serves on, all bound by the caller (in
+/// production on the host address of the session's tap link, possibly
+/// inside a network namespace). Any may be absent.
+#[derive(Debug, Default)]
+pub struct SessionListeners {
+    pub explicit: Option<TcpListener>,
+    pub transparent: Option<TcpListener>,
+    pub dns_udp: Option<tokio::net::UdpSocket>,
+    pub dns_tcp: Option<TcpListener>,
+    /// What the DNS stub answers; required when a DNS socket is given.
+    pub dns: Option<super::dns::DnsStubConfig>,
+}
+
+/// Runs every front end of one session until `shutdown` is cancelled.
+pub async fn run_session(
+    listeners: SessionListeners,
+    session: SessionId,
+    state: ProxyState,
+    shutdown: CancellationToken,
+) {
+    let SessionListeners {
+        explicit,
+        transparent,
+        dns_udp,
+        dns_tcp,
+        dns,
+    } = listeners;
+    let explicit = async {
+        if let Some(l) = explicit {
+            run_explicit(l, session.clone(), state.clone(), shutdown.clone()).await;
+        }
+    };
+    let transparent = async {
+        if let Some(l) = transparent {
+            run_transparent(l, session.clone(), state.clone(), shutdown.clone()).await;
+        }
+    };
+    let udp = async {
+        if let (Some(sock), Some(cfg)) = (dns_udp, dns) {
+            super::dns::run_udp(sock, cfg, shutdown.clone()).await;
+        }
+    };
+    let tcp = async {
+        if let (Some(l), Some(cfg)) = (dns_tcp, dns) {
+            super::dns::run_tcp(l, cfg, shutdown.clone()).await;
+        }
+    };
+    tokio::join!(explicit, transparent, udp, tcp);
+}
+
 /// Serves HTTP CONNECT for `session` on `listener` until `shutdown` is
 /// cancelled; then closes every tunnel it opened and returns once they are
 /// gone.
