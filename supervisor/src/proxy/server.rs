@@ -288,9 +288,10 @@ impl Conn {
         };
         let host = match target.host {
             TargetHost::Name(name) => name,
-            TargetHost::Ipv6(_) => {
+            TargetHost::Ipv6(ip) => {
                 let mut r = Refusal::new(RefusalReason::IpLiteral);
                 r.port = Some(target.port);
+                r.address = Some(ip.into());
                 return Err(r);
             }
         };
