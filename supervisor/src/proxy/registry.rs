@@ -355,7 +355,9 @@ impl ProxyRegistry {
     }
 
     /// Revokes the entry `id` in whichever session holds it (lease ids are
-    /// unique). Returns the number of entries removed.
+    /// unique; allow-entry names are not, so revoke those with
+    /// [`ProxyRegistry::revoke_entry`]). Returns the number of entries
+    /// removed.
     pub fn revoke_lease(&self, id: &EntryId) -> usize {
         let mut inner = self.lock();
         let mut removed = 0;
