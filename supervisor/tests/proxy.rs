@@ -984,6 +984,53 @@ async fn run_session_serves_every_front_end_it_is_given() {
     assert_eq!(events.tunnels().pop().unwrap().end, TunnelEnd::Shutdown);
 }
 
+/// Expiry on a paused clock: the tunnel lives exactly until the lease's
+/// monotonic deadline, however far away, without any real waiting.
+#[tokio::test(start_paused = true)]
+async fn expiry_with_a_paused_clock_cuts_at_the_deadline() {
+    let _timing = TIMING.read().await;
+    let up = echo_upstream().await;
+    let config = ProxyConfig {
+        idle_timeout: Duration::from_secs(24 * 3600),
+        ..loopback_config()
+    };
+    let mut p = Proxy::new(config, &[("git.test", "127.0.0.1")]);
+    let l = p.serve("s1").await;
+    let granted = Instant::now();
+    let ttl = Duration::from_secs(3600);
+    p.grant(
+        "s1",
+        Entry::lease(
+            "lease-hour",
+            "token",
+            pats(&["git.test"]),
+            Some(granted + ttl),
+        )
+        .with_ports(vec![up.port()]),
+    );
+    let (mut s, status) = connect_via(l.explicit, &format!("git.test:{}", up.port())).await;
+    assert!(status.contains("200"), "{status}");
+    s.write_all(b"a").await.unwrap();
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).await.unwrap();
+    tokio::time::advance(ttl - Duration::from_secs(1)).await;
+    // Still open a second before the deadline.
+    s.write_all(b"b").await.unwrap();
+    s.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"b");
+    // Now wait: the runtime's clock jumps to the deadline and the cut
+    // follows.
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest).await;
+    let lived = granted.elapsed();
+    assert!(
+        lived >= ttl && lived < ttl + Duration::from_secs(1),
+        "{lived:?}"
+    );
+    let rec = eventually(|| p.events.tunnels().pop()).await;
+    assert_eq!(rec.end, TunnelEnd::Expired);
+}
+
 #[tokio::test]
 async fn shutdown_closes_tunnels_and_returns() {
     let _timing = TIMING.read().await;
