@@ -273,22 +273,33 @@ async fn echo_upstream() -> SocketAddr {
     addr
 }
 
-/// An upstream that streams 1 KiB every 5 ms to each client and reports
-/// when its side of the connection died.
-async fn streaming_upstream() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Instant>) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+/// An upstream that streams 1 KiB every 5 ms to each client, on plain
+/// threads apart from the proxy's runtime (as a remote server would be),
+/// and reports when the proxy ended its side (EOF or error).
+fn streaming_upstream() -> (SocketAddr, std::sync::mpsc::Receiver<Instant>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
             let tx = tx.clone();
-            tokio::spawn(async move {
+            std::thread::spawn(move || {
+                use std::io::{ErrorKind, Read, Write};
+                s.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
                 let chunk = [0x5au8; 1024];
+                let mut buf = [0u8; 1024];
                 loop {
-                    if s.write_all(&chunk).await.is_err() {
+                    if s.write_all(&chunk).is_err() {
                         break;
                     }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    match s.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(_) => {}
+                        Err(e)
+                            if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                        Err(_) => break,
+                    }
                 }
                 let _ = tx.send(Instant::now());
             });
@@ -746,26 +757,53 @@ async fn two_sessions_cannot_use_each_others_entries() {
     expect_refused(la.explicit, &format!("a.test:{port}"), "403").await;
 }
 
-/// Opens `n` tunnels to a streaming upstream; each client task reads until
-/// its connection dies and returns when that happened.
-async fn open_streaming_tunnels(l: Listeners, target: &str, n: usize) -> Vec<JoinHandle<Instant>> {
-    let mut tasks = Vec::new();
+/// Opens `n` tunnels to a streaming upstream; each client, on a thread of
+/// its own (as a guest process would be), reads until its connection dies
+/// and returns when that happened.
+async fn open_streaming_tunnels(
+    l: Listeners,
+    target: &str,
+    n: usize,
+) -> Vec<std::thread::JoinHandle<Instant>> {
+    let mut clients = Vec::new();
     for _ in 0..n {
         let (mut s, status) = connect_via(l.explicit, target).await;
         assert!(status.contains("200"), "{status}");
         let mut first = [0u8; 1024];
         s.read_exact(&mut first).await.unwrap();
-        tasks.push(tokio::spawn(async move {
+        let std = s.into_std().unwrap();
+        std.set_nonblocking(false).unwrap();
+        clients.push(std::thread::spawn(move || {
+            use std::io::Read;
+            let mut s = std;
             let mut buf = vec![0u8; 16 * 1024];
             loop {
-                match s.read(&mut buf).await {
+                match s.read(&mut buf) {
                     Ok(0) | Err(_) => return Instant::now(),
                     Ok(_) => {}
                 }
             }
         }));
     }
-    tasks
+    clients
+}
+
+/// Joins the client threads and collects the upstream reports, without
+/// blocking the runtime the proxy runs on.
+async fn cut_times(
+    clients: Vec<std::thread::JoinHandle<Instant>>,
+    upstream_ends: std::sync::mpsc::Receiver<Instant>,
+    n: usize,
+) -> (Vec<Instant>, Vec<Instant>) {
+    tokio::task::spawn_blocking(move || {
+        let client: Vec<Instant> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+        let upstream: Vec<Instant> = (0..n)
+            .map(|_| upstream_ends.recv_timeout(Duration::from_secs(5)).unwrap())
+            .collect();
+        (client, upstream)
+    })
+    .await
+    .unwrap()
 }
 
 fn percentile(mut v: Vec<Duration>, p: usize) -> Duration {
@@ -777,7 +815,7 @@ fn percentile(mut v: Vec<Duration>, p: usize) -> Duration {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_a_lease_cuts_100_live_tunnels_within_50ms() {
     let _timing = TIMING.write().await;
-    let (up, mut upstream_ends) = streaming_upstream().await;
+    let (up, upstream_ends) = streaming_upstream();
     let mut p = Proxy::new(loopback_config(), &[("bulk.test", "127.0.0.1")]);
     let l = p.serve("s1").await;
     p.grant(
@@ -794,21 +832,25 @@ async fn revoking_a_lease_cuts_100_live_tunnels_within_50ms() {
         100
     );
 
+    let called = Instant::now();
     assert_eq!(p.registry.revoke_lease(&EntryId::new("lease-bulk")), 1);
     let revoked = Instant::now();
 
-    let mut client_cut = Vec::new();
-    for t in tasks {
-        client_cut.push(t.await.unwrap().saturating_duration_since(revoked));
-    }
-    let mut upstream_cut = Vec::new();
-    for _ in 0..100 {
-        let at = tokio::time::timeout(Duration::from_secs(5), upstream_ends.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        upstream_cut.push(at.saturating_duration_since(revoked));
-    }
+    let (client, upstream) = cut_times(tasks, upstream_ends, 100).await;
+    let last = client.iter().chain(&upstream).max().unwrap();
+    println!(
+        "revoke_lease call took {:?}; last side closed {:?} after the call began",
+        revoked - called,
+        last.saturating_duration_since(called)
+    );
+    let client_cut: Vec<Duration> = client
+        .iter()
+        .map(|t| t.saturating_duration_since(revoked))
+        .collect();
+    let upstream_cut: Vec<Duration> = upstream
+        .iter()
+        .map(|t| t.saturating_duration_since(revoked))
+        .collect();
     let (c50, c99) = (
         percentile(client_cut.clone(), 50),
         percentile(client_cut, 99),
@@ -842,7 +884,7 @@ async fn revoking_a_lease_cuts_100_live_tunnels_within_50ms() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expiry_cuts_live_tunnels_on_its_own_clock() {
     let _timing = TIMING.write().await;
-    let (up, mut upstream_ends) = streaming_upstream().await;
+    let (up, upstream_ends) = streaming_upstream();
     let mut p = Proxy::new(loopback_config(), &[("bulk.test", "127.0.0.1")]);
     let l = p.serve("s1").await;
     let expires = Instant::now() + Duration::from_millis(400);
@@ -856,19 +898,13 @@ async fn expiry_cuts_live_tunnels_on_its_own_clock() {
         Instant::now() < expires,
         "set-up took longer than the lease"
     );
-    let mut cut = Vec::new();
-    for t in tasks {
-        let at = t.await.unwrap();
-        assert!(at >= expires, "cut before expiry");
-        cut.push(at - expires);
-    }
-    for _ in 0..10 {
-        let at = tokio::time::timeout(Duration::from_secs(5), upstream_ends.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        cut.push(at.saturating_duration_since(expires));
-    }
+    let (client, upstream) = cut_times(tasks, upstream_ends, 10).await;
+    assert!(client.iter().all(|t| *t >= expires), "cut before expiry");
+    let cut: Vec<Duration> = client
+        .iter()
+        .chain(&upstream)
+        .map(|t| t.saturating_duration_since(expires))
+        .collect();
     let p99 = percentile(cut, 99);
     println!("expiry cut-off p99 {p99:?}");
     assert!(p99 < Duration::from_millis(50), "p99 {p99:?}");

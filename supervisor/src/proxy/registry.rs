@@ -7,6 +7,12 @@
 //! present (checked under the same lock), so a connection that was admitted
 //! just before a revocation cannot slip through after it.
 //!
+//! The cut is also done in the kernel before the revoking call returns: the
+//! registry holds a duplicate descriptor of both sockets of every tunnel and
+//! shuts them down (`shutdown(SHUT_RDWR)`) under the lock, so no byte moves
+//! through a revoked tunnel even before its task has been scheduled; the
+//! task then resets and closes the sockets.
+//!
 //! Expiry uses one tokio timer per entry (`sleep_until` on the monotonic
 //! clock), so it follows `tokio::time::pause()` in tests. `grant` must be
 //! called from within a tokio runtime when the entry has an expiry.
@@ -204,9 +210,29 @@ pub struct Counters {
     pub down: AtomicU64,
 }
 
+/// A duplicate descriptor of one tunnel socket, kept so a revocation can
+/// shut the socket down directly. Holding the duplicate keeps the socket
+/// alive, so the descriptor can never refer to a reused number.
+#[derive(Debug)]
+pub struct ShutdownHandle(socket2::Socket);
+
+impl ShutdownHandle {
+    pub fn for_stream(stream: &tokio::net::TcpStream) -> std::io::Result<Self> {
+        socket2::SockRef::from(stream)
+            .try_clone()
+            .map(ShutdownHandle)
+    }
+
+    fn shutdown(&self) {
+        // NotConnected when the peer already went away: nothing to cut.
+        let _ = self.0.shutdown(std::net::Shutdown::Both);
+    }
+}
+
 #[derive(Debug)]
 struct TunnelState {
     entry: EntryId,
+    sockets: Arc<[ShutdownHandle]>,
     front_end: FrontEnd,
     host: HostName,
     address: SocketAddr,
@@ -237,6 +263,27 @@ struct SessionState {
     tunnels: HashMap<u64, TunnelState>,
     slots: Arc<Semaphore>,
     refusals: u64,
+}
+
+impl SessionState {
+    /// The sockets of every tunnel of `entry` (all when `None`), to shut
+    /// down once the registry lock is released.
+    fn sockets_of(&self, entry: Option<&EntryId>) -> Vec<Arc<[ShutdownHandle]>> {
+        self.tunnels
+            .values()
+            .filter(|t| entry.is_none_or(|id| *id == t.entry))
+            .map(|t| t.sockets.clone())
+            .collect()
+    }
+}
+
+/// Shuts sockets down outside the registry lock (one syscall each), so a
+/// large revocation does not stall admissions of other sessions. Callers do
+/// it before returning: a revoke call returns only after the kernel has cut.
+fn shut_down(all: Vec<Arc<[ShutdownHandle]>>) {
+    for sockets in all {
+        sockets.iter().for_each(ShutdownHandle::shutdown);
+    }
 }
 
 #[derive(Debug)]
@@ -318,6 +365,7 @@ impl ProxyRegistry {
             .sessions
             .get_mut(session)
             .ok_or_else(|| RegistryError::UnknownSession(session.clone()))?;
+        let mut to_shut = Vec::new();
         let cut = match state.entries.remove(&entry.id) {
             Some(old) if old.entry.patterns == entry.patterns && old.entry.ports == entry.ports => {
                 if let Some(t) = &old.timer {
@@ -327,6 +375,7 @@ impl ProxyRegistry {
             }
             Some(old) => {
                 old.cut(CutReason::Revoked);
+                to_shut = state.sockets_of(Some(&entry.id));
                 Cut::default()
             }
             None => Cut::default(),
@@ -351,6 +400,8 @@ impl ProxyRegistry {
                 timer,
             },
         );
+        drop(guard);
+        shut_down(to_shut);
         Ok(())
     }
 
@@ -361,25 +412,31 @@ impl ProxyRegistry {
     pub fn revoke_lease(&self, id: &EntryId) -> usize {
         let mut inner = self.lock();
         let mut removed = 0;
+        let mut to_shut = Vec::new();
         for state in inner.sessions.values_mut() {
             if let Some(e) = state.entries.remove(id) {
                 e.cut(CutReason::Revoked);
+                to_shut.extend(state.sockets_of(Some(id)));
                 removed += 1;
             }
         }
+        drop(inner);
+        shut_down(to_shut);
         removed
     }
 
     /// Revokes one entry of one session. Returns whether it existed.
     pub fn revoke_entry(&self, session: &SessionId, id: &EntryId) -> bool {
         let mut inner = self.lock();
-        match inner
-            .sessions
-            .get_mut(session)
-            .and_then(|s| s.entries.remove(id))
-        {
+        let Some(state) = inner.sessions.get_mut(session) else {
+            return false;
+        };
+        match state.entries.remove(id) {
             Some(e) => {
                 e.cut(CutReason::Revoked);
+                let to_shut = state.sockets_of(Some(id));
+                drop(inner);
+                shut_down(to_shut);
                 true
             }
             None => false,
@@ -389,11 +446,15 @@ impl ProxyRegistry {
     /// Removes the session: cuts every tunnel, refuses every new one.
     pub fn revoke_session(&self, session: &SessionId) -> bool {
         let mut inner = self.lock();
-        match inner.sessions.remove(session) {
+        let removed = inner.sessions.remove(session);
+        drop(inner);
+        match removed {
             Some(state) => {
+                let to_shut = state.sockets_of(None);
                 for (_, e) in state.entries {
                     e.cut(CutReason::Revoked);
                 }
+                shut_down(to_shut);
                 true
             }
             None => false,
@@ -448,6 +509,7 @@ impl ProxyRegistry {
         front_end: FrontEnd,
         host: HostName,
         address: SocketAddr,
+        sockets: Vec<ShutdownHandle>,
     ) -> Result<TunnelGuard, RefusalReason> {
         let mut guard = self.lock();
         let inner = &mut *guard;
@@ -469,6 +531,7 @@ impl ProxyRegistry {
             id,
             TunnelState {
                 entry: admission.entry.id.clone(),
+                sockets: sockets.into(),
                 front_end,
                 host,
                 address,
@@ -541,6 +604,7 @@ fn snapshot(id: &SessionId, s: &SessionState) -> SessionSnapshot {
 fn expire(weak: &Weak<Mutex<Inner>>, session: &SessionId, id: &EntryId, generation: u64) {
     let Some(inner) = weak.upgrade() else { return };
     let mut inner = lock(&inner);
+    let mut to_shut = Vec::new();
     let Some(state) = inner.sessions.get_mut(session) else {
         return;
     };
@@ -553,7 +617,10 @@ fn expire(weak: &Weak<Mutex<Inner>>, session: &SessionId, id: &EntryId, generati
         // This task is the timer; aborting it from itself is pointless.
         e.timer = None;
         e.cut(CutReason::Expired);
+        to_shut = state.sockets_of(Some(id));
     }
+    drop(inner);
+    shut_down(to_shut);
 }
 
 /// An open tunnel's registration; dropping it unregisters the tunnel.
@@ -642,6 +709,7 @@ mod tests {
                 FrontEnd::Explicit,
                 host("api.github.com"),
                 addr(),
+                vec![],
             )
             .unwrap();
         assert_eq!(r.snapshot(&sid("s")).unwrap().tunnels.len(), 1);
@@ -660,7 +728,8 @@ mod tests {
                 &adm,
                 FrontEnd::Explicit,
                 host("api.github.com"),
-                addr()
+                addr(),
+                vec![]
             )
             .unwrap_err(),
             RefusalReason::NotLeased
@@ -703,6 +772,7 @@ mod tests {
                 FrontEnd::Transparent,
                 host("a.example"),
                 addr(),
+                vec![],
             )
             .unwrap();
         tokio::time::advance(Duration::from_secs(299)).await;

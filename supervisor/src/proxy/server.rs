@@ -30,7 +30,9 @@ use super::events::{
     FrontEnd, ProxyEvents, RefusalReason, RefusalRecord, TunnelEnd, TunnelOpening, TunnelRecord,
 };
 use super::policy::check_answers;
-use super::registry::{Admission, Counters, CutReason, ProxyRegistry, SessionId, TunnelGuard};
+use super::registry::{
+    Admission, Counters, CutReason, ProxyRegistry, SessionId, ShutdownHandle, TunnelGuard,
+};
 use super::resolve::Resolver;
 use super::sni::{MAX_HELLO_BYTES, SniError, SniParse, parse_client_hello};
 
@@ -295,7 +297,7 @@ impl Conn {
                 return Err(r);
             }
         };
-        let upstream = self.dial(&host, target.port).await?;
+        let upstream = self.dial(client, &host, target.port).await?;
         let early = buf.split_off(head_len);
         Ok((host, upstream, early))
     }
@@ -322,13 +324,20 @@ impl Conn {
             SniParse::Rejected(e) => return Err(Refusal::new(sni_refusal(e))),
             SniParse::Incomplete => return Err(Refusal::new(RefusalReason::Malformed)),
         };
-        let upstream = self.dial(&host, self.state.config.transparent_port).await?;
+        let upstream = self
+            .dial(client, &host, self.state.config.transparent_port)
+            .await?;
         Ok((host, upstream, buf))
     }
 
     /// Lease check, resolution, address check, connect, registration — in
     /// that order.
-    async fn dial(&self, host: &HostName, port: u16) -> Result<Upstream, Refusal> {
+    async fn dial(
+        &self,
+        client: &TcpStream,
+        host: &HostName,
+        port: u16,
+    ) -> Result<Upstream, Refusal> {
         let st = &self.state;
         let refuse = |reason| Refusal::new(reason).target(host, port);
         let admission = st
@@ -389,6 +398,14 @@ impl Conn {
             tracing::warn!(error = %e, "proxy access refused: audit failed");
             return Err(refuse(RefusalReason::AuditFailed));
         }
+        // Duplicates the registry can shut down on revocation. Failing to
+        // make them (out of descriptors) refuses rather than opening a
+        // tunnel that could only be cut by its own task.
+        let sockets = [client, &stream]
+            .into_iter()
+            .map(ShutdownHandle::for_stream)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| refuse(RefusalReason::ConnectFailed))?;
         let guard = st
             .registry
             .register_tunnel(
@@ -397,6 +414,7 @@ impl Conn {
                 self.front_end,
                 host.clone(),
                 address,
+                sockets,
             )
             .map_err(refuse)?;
         Ok(Upstream {
@@ -451,9 +469,11 @@ impl Conn {
             let _ = client.shutdown().await;
             let _ = upstream.shutdown().await;
         }
+        // The registry's duplicate descriptors go first, so dropping the
+        // streams really closes the sockets (and sends the reset).
+        drop(guard);
         drop(client);
         drop(upstream);
-        drop(guard);
         self.state.events.tunnel_closed(TunnelRecord {
             session: self.session.clone(),
             front_end: self.front_end,
