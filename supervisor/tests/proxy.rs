@@ -1068,6 +1068,65 @@ async fn expiry_with_a_paused_clock_cuts_at_the_deadline() {
 }
 
 #[tokio::test]
+async fn garbage_on_both_listeners_leaves_the_proxy_serving() {
+    let _timing = TIMING.read().await;
+    let up = echo_upstream().await;
+    let config = ProxyConfig {
+        header_timeout: Duration::from_millis(500),
+        ..loopback_config()
+    };
+    let mut p = Proxy::new(config, &[("git.test", "127.0.0.1")]);
+    let l = p.serve("s1").await;
+    p.grant(
+        "s1",
+        Entry::allow("git", pats(&["git.test"])).with_ports(vec![up.port()]),
+    );
+    // A fixed-seed xorshift stream: reproducible garbage.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut conns = Vec::new();
+    for i in 0..60 {
+        let len = (next() % 20_000) as usize;
+        let mut bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        // Some start like the real thing, then go wrong.
+        match i % 3 {
+            0 => bytes
+                .splice(0..0, b"CONNECT git.test:".iter().copied())
+                .for_each(drop),
+            1 => bytes
+                .splice(0..0, [22u8, 3, 1, 0x10, 0x00, 1, 0, 0x0f])
+                .for_each(drop),
+            _ => {}
+        }
+        let addr = if i % 2 == 0 {
+            l.explicit
+        } else {
+            l.transparent
+        };
+        conns.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            let _ = s.write_all(&bytes).await;
+            let mut sink = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut sink)).await;
+        }));
+    }
+    for c in conns {
+        c.await.unwrap();
+    }
+    let (mut s, status) = connect_via(l.explicit, &format!("git.test:{}", up.port())).await;
+    assert!(status.contains("200"), "{status}");
+    s.write_all(b"ok").await.unwrap();
+    let mut b = [0u8; 2];
+    s.read_exact(&mut b).await.unwrap();
+    assert_eq!(p.queries(), 1, "garbage must never reach the resolver");
+}
+
+#[tokio::test]
 async fn shutdown_closes_tunnels_and_returns() {
     let _timing = TIMING.read().await;
     let up = echo_upstream().await;
