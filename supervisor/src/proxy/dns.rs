@@ -12,6 +12,7 @@
 //! are the socket loops.
 
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
@@ -19,6 +20,7 @@ use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -35,6 +37,8 @@ pub struct DnsStubConfig {
 const TCP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Queries served over one TCP connection.
 const TCP_MAX_QUERIES: usize = 64;
+/// TCP connections served at once; further ones wait in the backlog.
+const TCP_MAX_CONNECTIONS: usize = 32;
 
 /// The response to one query packet, or `None` to drop it.
 pub fn answer(packet: &[u8], config: &DnsStubConfig) -> Option<Vec<u8>> {
@@ -100,7 +104,15 @@ pub async fn run_udp(socket: UdpSocket, config: DnsStubConfig, shutdown: Cancell
 /// Serves length-prefixed queries over TCP until `shutdown`.
 pub async fn run_tcp(listener: TcpListener, config: DnsStubConfig, shutdown: CancellationToken) {
     let tracker = TaskTracker::new();
+    let slots = Arc::new(Semaphore::new(TCP_MAX_CONNECTIONS));
     loop {
+        let slot = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            s = slots.clone().acquire_owned() => match s {
+                Ok(s) => s,
+                Err(_) => break,
+            },
+        };
         let stream = tokio::select! {
             _ = shutdown.cancelled() => break,
             r = listener.accept() => match r {
@@ -113,6 +125,7 @@ pub async fn run_tcp(listener: TcpListener, config: DnsStubConfig, shutdown: Can
         };
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
+            let _slot = slot;
             tokio::select! {
                 _ = shutdown.cancelled() => {}
                 _ = serve_tcp(stream, config) => {}
