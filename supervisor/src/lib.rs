@@ -11,4 +11,5 @@ pub mod domain;
 pub mod home;
 pub mod jail;
 pub mod manifest;
+pub mod proxy;
 pub mod vault;
