@@ -11,6 +11,9 @@
 //! `zerolease_protocol` messages.
 
 pub mod cmdline;
+pub mod env;
+pub mod passwd;
+pub mod provision;
 pub mod virtio;
 
 /// This agent's version, sent in `Hello`.
