@@ -10,10 +10,14 @@
 //! everything secret arrives later over the control channel, as
 //! `zerolease_protocol` messages.
 
+pub mod agent;
+pub mod boot;
 pub mod cmdline;
+pub mod credential;
 pub mod env;
 pub mod passwd;
 pub mod provision;
+pub mod run;
 pub mod virtio;
 
 /// This agent's version, sent in `Hello`.
