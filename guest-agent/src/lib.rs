@@ -9,7 +9,7 @@
 //! - [`agent`]: the main loop on the control channel (handshake, then
 //!   `Provision`, credential requests, `UpdateSecrets`, `Revoke`,
 //!   `Shutdown`), threads and channels, one writer.
-//! - [`provision`]: the env file ([`env`] renders it), files in the agent's
+//! - [`provision`]: the env file ([`env`](mod@env) renders it), files in the agent's
 //!   home (confined, atomic), the CA bundle and `/etc/gitconfig`; the user
 //!   comes from `/etc/passwd` ([`passwd`]).
 //! - [`run`]: the agent command as the unprivileged user, its output, and
