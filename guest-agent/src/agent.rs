@@ -90,6 +90,9 @@ pub enum AgentError {
     Handshake(#[from] HandshakeError),
 }
 
+/// Events waiting for the main loop before producers block.
+const EVENT_QUEUE: usize = 64;
+
 enum Event {
     Host(HostMessage),
     HostGone,
@@ -124,7 +127,9 @@ where
     let answer: HostMessage = reader.read_message().map_err(AgentError::NoWelcome)?;
     check_welcome(PROTOCOL_VERSION, &answer)?;
 
-    let (tx, rx) = mpsc::channel::<Event>();
+    // Bounded, so an agent printing faster than the host reads is slowed
+    // down (its pipe fills) instead of growing this process's memory.
+    let (tx, rx) = mpsc::sync_channel::<Event>(EVENT_QUEUE);
     let host_tx = tx.clone();
     std::thread::spawn(move || read_host(reader, &host_tx));
 
@@ -178,7 +183,7 @@ where
     Ok(outcome)
 }
 
-fn read_host<R: Read>(mut reader: FrameReader<R>, tx: &mpsc::Sender<Event>) {
+fn read_host<R: Read>(mut reader: FrameReader<R>, tx: &mpsc::SyncSender<Event>) {
     loop {
         match reader.read_message::<HostMessage>() {
             Ok(message) => {
@@ -209,7 +214,7 @@ fn on_host<W: Write>(
     message: HostMessage,
     state: &mut State,
     config: &AgentConfig,
-    tx: &mpsc::Sender<Event>,
+    tx: &mpsc::SyncSender<Event>,
     writer: &mut FrameWriter<W>,
 ) -> Result<Option<Outcome>, WriteError> {
     match message {
@@ -312,7 +317,7 @@ fn on_credential<W: Write>(
 fn start(
     spec: &Provision,
     config: &AgentConfig,
-    tx: &mpsc::Sender<Event>,
+    tx: &mpsc::SyncSender<Event>,
 ) -> Result<(Provisioned, u32), String> {
     let done = provision::provision(&config.layout, spec, &config.helper_command)
         .map_err(|err| reason(&err))?;

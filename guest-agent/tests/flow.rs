@@ -438,3 +438,89 @@ fn provision_failure_is_reported_and_leaves_nothing() {
     drop(host_writer);
     assert_eq!(agent.join().unwrap(), Outcome::HostGone);
 }
+
+/// Runs the loop against a host that answers the hello with `answer` and
+/// then sends `then` (raw frames); returns the loop's result.
+fn handshake_with(
+    answer: &[u8],
+    then: &[&[u8]],
+) -> Result<Outcome, zerolease_guest::agent::AgentError> {
+    let dir = tempfile::tempdir().unwrap();
+    let (guest_end, host_end) = UnixStream::pair().unwrap();
+    let config = AgentConfig {
+        layout: Layout::new(dir.path()),
+        proc_root: PathBuf::from("/proc"),
+        helper_command: "/init credential".into(),
+        credential_timeout: Duration::from_secs(1),
+        reaping: Reaping::AgentOnly,
+    };
+    let agent = std::thread::spawn(move || {
+        let reader = guest_end.try_clone().unwrap();
+        serve(reader, guest_end, &config)
+    });
+    let mut host_reader = FrameReader::new(host_end.try_clone().unwrap());
+    let mut host_writer = FrameWriter::new(host_end);
+    let hello: GuestMessage = host_reader.read_message().unwrap();
+    assert_eq!(hello.kind(), "hello");
+    host_writer.write_frame(answer).unwrap();
+    for frame in then {
+        host_writer.write_frame(frame).unwrap();
+    }
+    // Close the host's side so a loop still reading sees the end.
+    drop(host_reader);
+    drop(host_writer);
+    agent.join().unwrap()
+}
+
+#[test]
+fn handshake_outcomes() {
+    use zerolease_guest::agent::AgentError;
+    use zerolease_protocol::HandshakeError;
+
+    let welcome = br#"{"type":"welcome","protocol_version":{"major":1,"minor":3}}"#;
+    let shutdown = br#"{"type":"shutdown"}"#;
+    assert_eq!(
+        handshake_with(welcome, &[shutdown]).unwrap(),
+        Outcome::Shutdown
+    );
+    // A malformed message after the handshake is skipped, not fatal.
+    assert_eq!(
+        handshake_with(welcome, &[b"{not json", br#"{"type":"nope"}"#, shutdown]).unwrap(),
+        Outcome::Shutdown
+    );
+    // The host going away before anything else.
+    assert_eq!(handshake_with(welcome, &[]).unwrap(), Outcome::HostGone);
+    // Credential responses for requests never made are ignored.
+    assert_eq!(
+        handshake_with(
+            welcome,
+            &[
+                br#"{"type":"credential_response","id":9,"outcome":{"result":"denied","reason":"x"}}"#,
+                shutdown
+            ]
+        )
+        .unwrap(),
+        Outcome::Shutdown
+    );
+    assert!(matches!(
+        handshake_with(br#"{"type":"reject","reason":"go away"}"#, &[]),
+        Err(AgentError::Handshake(HandshakeError::Rejected { .. }))
+    ));
+    assert!(matches!(
+        handshake_with(
+            br#"{"type":"welcome","protocol_version":{"major":2,"minor":0}}"#,
+            &[]
+        ),
+        Err(AgentError::Handshake(
+            HandshakeError::VersionMismatch { .. }
+        ))
+    ));
+    assert!(matches!(
+        handshake_with(shutdown, &[]),
+        Err(AgentError::Handshake(HandshakeError::Unexpected { .. }))
+    ));
+    assert!(matches!(
+        handshake_with(b"garbage", &[]),
+        Err(AgentError::NoWelcome(_))
+    ));
+}
