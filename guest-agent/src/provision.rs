@@ -307,24 +307,23 @@ fn open_dir(path: &Path) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
-/// Opens the agent's home (creating it, owned by the agent, mode 0700, if
-/// the image lacks it).
+/// Opens the agent's home, creating it if the image lacks it, and makes
+/// sure it belongs to the agent with mode 0700 (it holds their secrets).
 fn open_home(layout: &Layout, user: &User) -> Result<OwnedFd, ProvisionError> {
     let path = layout.host_path(&user.home);
     if !path.exists() {
         std::fs::create_dir_all(&path).map_err(io_err("create", user.home.clone()))?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))
-            .map_err(io_err("set the mode of", user.home.clone()))?;
-        let dir = open_dir(&path).map_err(io_err("open", user.home.clone()))?;
-        fchown(
-            &dir,
-            Some(Uid::from_raw(user.uid)),
-            Some(Gid::from_raw(user.gid)),
-        )
-        .map_err(|errno| io_err("chown", user.home.clone())(errno.into()))?;
-        return Ok(dir);
     }
-    open_dir(&path).map_err(io_err("open", user.home.clone()))
+    let dir = open_dir(&path).map_err(io_err("open", user.home.clone()))?;
+    fchown(
+        &dir,
+        Some(Uid::from_raw(user.uid)),
+        Some(Gid::from_raw(user.gid)),
+    )
+    .map_err(|errno| io_err("chown", user.home.clone())(errno.into()))?;
+    fchmod(&dir, Mode::from_bits_truncate(0o700))
+        .map_err(|errno| io_err("set the mode of", user.home.clone())(errno.into()))?;
+    Ok(dir)
 }
 
 fn write_ca_bundle(
@@ -676,6 +675,8 @@ mod tests {
             (meta.mode() & 0o7777, meta.uid(), meta.gid()),
             (0o600, uid, gid)
         );
+        let meta = std::fs::metadata(&home).unwrap();
+        assert_eq!((meta.mode() & 0o7777, meta.uid()), (0o700, uid));
         let meta = std::fs::metadata(home.join(".config/gh")).unwrap();
         assert_eq!((meta.mode() & 0o7777, meta.uid()), (0o700, uid));
         // 0o777 asked: group and world bits are dropped.
@@ -700,6 +701,24 @@ mod tests {
             .filter(|n| n.to_string_lossy().contains("zl-tmp"))
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[test]
+    fn file_modes_never_reach_group_or_world() {
+        let cases = [
+            (0o600, 0o600),
+            (0o400, 0o600),
+            (0o000, 0o600),
+            (0o644, 0o600),
+            (0o666, 0o600),
+            (0o700, 0o700),
+            (0o755, 0o700),
+            (0o777, 0o700),
+            (0o500, 0o700),
+        ];
+        for (requested, expected) in cases {
+            assert_eq!(file_mode(requested), expected, "{requested:#o}");
+        }
     }
 
     #[test]
