@@ -857,7 +857,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(256))]
+        #![proptest_config(ProptestConfig::with_cases(128))]
 
         /// Any value without NUL comes back byte-exact from `sh` sourcing
         /// the env file, and nothing in it runs.
