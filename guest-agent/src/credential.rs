@@ -496,6 +496,44 @@ mod tests {
         assert!(!format!("{:?}", cred("u", "hunter2")).contains("hunter2"));
     }
 
+    proptest::proptest! {
+        /// Whatever bytes arrive, an accepted request re-renders to exactly
+        /// its own attributes (no smuggled lines) and parses back equal; an
+        /// accepted answer renders to exactly two lines.
+        #[test]
+        fn parsing_never_lets_extra_attributes_through(
+            input in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::strategy::Just(b'\n'),
+                    proptest::strategy::Just(b'='),
+                    proptest::strategy::Just(b'\r'),
+                    proptest::strategy::Just(0u8),
+                    proptest::num::u8::ANY,
+                ],
+                0..96,
+            ),
+            prefix in proptest::sample::select(vec![
+                &b""[..],
+                b"protocol=https\nhost=",
+                b"username=u\npassword=",
+            ]),
+        ) {
+            let mut bytes = prefix.to_vec();
+            bytes.extend_from_slice(&input);
+            if let Ok(request) = parse_request(&bytes) {
+                let text = request.render();
+                let lines = text.trim_end_matches('\n').lines().count();
+                proptest::prop_assert_eq!(lines, 2 + usize::from(request.path.is_some()));
+                proptest::prop_assert_eq!(parse_request(text.as_bytes()).unwrap(), request);
+            }
+            if let Ok(Some(credential)) = parse_credential(&bytes) {
+                let text = render_credential(&credential).unwrap();
+                proptest::prop_assert_eq!(text.iter().filter(|&&b| b == b'\n').count(), 2);
+                proptest::prop_assert!(!text.contains(&b'\r') && !text.contains(&0));
+            }
+        }
+    }
+
     #[test]
     fn actions() {
         assert_eq!(Action::parse("get"), Some(Action::Get));
