@@ -346,10 +346,12 @@ pub fn serve(
 
 fn peer_allowed(stream: &UnixStream, agent_uid: u32) -> bool {
     use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
-    match getsockopt(stream, PeerCredentials) {
-        Ok(creds) => creds.uid() == 0 || creds.uid() == agent_uid,
-        Err(_) => false,
-    }
+    getsockopt(stream, PeerCredentials).is_ok_and(|creds| uid_may_ask(creds.uid(), agent_uid))
+}
+
+/// Only root and the agent user may ask for credentials.
+pub fn uid_may_ask(peer_uid: u32, agent_uid: u32) -> bool {
+    peer_uid == 0 || peer_uid == agent_uid
 }
 
 /// Decides whether a request may go to the host at all.
@@ -532,6 +534,32 @@ mod tests {
                 proptest::prop_assert!(!text.contains(&b'\r') && !text.contains(&0));
             }
         }
+    }
+
+    #[test]
+    fn who_may_ask() {
+        let cases = [
+            (0, 1000, true),
+            (1000, 1000, true),
+            (1001, 1000, false),
+            (65534, 1000, false),
+            (u32::MAX, 1000, false),
+        ];
+        for (peer, agent, expected) in cases {
+            assert_eq!(uid_may_ask(peer, agent), expected, "{peer} {agent}");
+        }
+        let hosts = ["github.com".to_owned()];
+        let request = |host: &str| GitRequest {
+            protocol: "https".into(),
+            host: host.into(),
+            path: None,
+        };
+        assert!(host_allowed(&request("github.com"), &hosts));
+        assert!(host_allowed(&request("GITHUB.COM"), &hosts));
+        assert!(!host_allowed(&request("github.com.evil"), &hosts));
+        assert!(!host_allowed(&request("evil.github.com"), &hosts));
+        assert!(!host_allowed(&request("github.com:443"), &hosts));
+        assert!(!host_allowed(&request("github.com"), &[]));
     }
 
     #[test]
