@@ -1,16 +1,39 @@
 //! The zerolease guest agent, PID 1 inside the disposable VM.
 //!
-//! For now this holds the pure pieces of its job: reading its configuration
-//! from the kernel command line ([`cmdline`]) and finding the host's
-//! control channel among the virtio-serial ports ([`virtio`]). The binary in
-//! `main.rs` only parses arguments and calls into here.
+//! Bird's-eye view, in boot order:
+//! - [`boot`]: PID 1 mounts /proc, /sys, /dev, /dev/pts, /run, /tmp, loads
+//!   the kernel modules listed in `/lib/modules/zerolease.load`, configures
+//!   IPv4 from the kernel command line ([`cmdline`]), disables IPv6, finds
+//!   the control port ([`virtio`]) and hands it to [`agent`]; whatever
+//!   happens, it ends by syncing and powering off.
+//! - [`agent`]: the main loop on the control channel (handshake, then
+//!   `Provision`, credential requests, `UpdateSecrets`, `Revoke`,
+//!   `Shutdown`), threads and channels, one writer.
+//! - [`provision`]: the env file ([`env`](mod@env) renders it), files in the agent's
+//!   home (confined, atomic), the CA bundle and `/etc/gitconfig`; the user
+//!   comes from `/etc/passwd` ([`passwd`]).
+//! - [`run`]: the agent command as the unprivileged user, its output, and
+//!   killing every process of that user on revocation.
+//! - [`credential`]: git's credential helper (`zerolease-guest credential
+//!   get`) and its socket server inside PID 1.
+//!
+//! The binary in `main.rs` only dispatches on its arguments (and on being
+//! PID 1).
 //!
 //! **Architecture Invariant:** the guest gets no control-plane secret at
 //! boot. The kernel command line carries only addresses and a port name;
 //! everything secret arrives later over the control channel, as
-//! `zerolease_protocol` messages.
+//! `zerolease_protocol` messages, and the guest never holds a vault token:
+//! it receives already-leased values and asks the host per credential use.
 
+pub mod agent;
+pub mod boot;
 pub mod cmdline;
+pub mod credential;
+pub mod env;
+pub mod passwd;
+pub mod provision;
+pub mod run;
 pub mod virtio;
 
 /// This agent's version, sent in `Hello`.

@@ -1,23 +1,31 @@
 //! `zerolease-guest`: argument handling only; the work is in the library.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
-use zerolease_guest::{locate_control_channel, version_line};
+use zerolease_guest::credential::{self, Action};
+use zerolease_guest::provision::paths;
+use zerolease_guest::{boot, locate_control_channel, version_line};
 
 const USAGE: &str = "usage: zerolease-guest [--version | --help]\n\
+       zerolease-guest credential [--socket PATH] get|store|erase\n\
 \n\
-Without arguments, reads /proc/cmdline and reports the control port it would\n\
-use. Booting as PID 1 is not implemented yet.";
+As PID 1, boots the guest (mounts, modules, network), serves the host on the\n\
+control port and powers off at the end. As another process without\n\
+arguments, reports the control port it would use. `credential` is git's\n\
+credential helper: it asks the guest agent, which asks the host.";
+
+/// How long the helper waits for the agent (which waits for the host).
+const HELPER_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn main() -> ExitCode {
+    if std::process::id() == 1 {
+        boot::pid1_main();
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>()
-        .as_slice()
-    {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match args.as_slice() {
         ["--version" | "-V"] => {
             println!("{}", version_line());
             ExitCode::SUCCESS
@@ -26,7 +34,9 @@ fn main() -> ExitCode {
             println!("{USAGE}");
             ExitCode::SUCCESS
         }
-        [] => run(),
+        ["credential", "--socket", socket, action] => helper(action, Path::new(socket)),
+        ["credential", action] => helper(action, Path::new(paths::CREDENTIAL_SOCKET)),
+        [] => report(),
         _ => {
             eprintln!("{USAGE}");
             ExitCode::from(2)
@@ -34,7 +44,27 @@ fn main() -> ExitCode {
     }
 }
 
-fn run() -> ExitCode {
+fn helper(action: &str, socket: &Path) -> ExitCode {
+    let Some(action) = Action::parse(action) else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    match credential::run_helper(
+        action,
+        &mut std::io::stdin().lock(),
+        &mut std::io::stdout().lock(),
+        socket,
+        HELPER_TIMEOUT,
+    ) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("zerolease-guest credential: {}", chain(&err));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn report() -> ExitCode {
     let cmdline = match std::fs::read_to_string("/proc/cmdline") {
         Ok(cmdline) => cmdline,
         Err(err) => {
@@ -50,19 +80,24 @@ fn run() -> ExitCode {
                 config.prefix_len,
                 config.gateway,
                 port.name,
-                port.dev_path(Path::new("/dev")).display()
+                port.dev_path(&PathBuf::from("/dev")).display()
             );
             ExitCode::SUCCESS
         }
         Err(err) => {
-            eprint!("zerolease-guest: {err}");
-            let mut source = std::error::Error::source(&err);
-            while let Some(cause) = source {
-                eprint!(": {cause}");
-                source = cause.source();
-            }
-            eprintln!();
+            eprintln!("zerolease-guest: {}", chain(&err));
             ExitCode::FAILURE
         }
     }
+}
+
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }

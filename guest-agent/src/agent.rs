@@ -1,0 +1,426 @@
+//! The agent's main loop: the control channel after boot.
+//!
+//! Threads and channels, no async runtime: one thread reads frames from the
+//! control port and turns them into [`HostMessage`]s; the agent command's
+//! output relays and its waiter, and the credential socket's connections,
+//! all feed the same event channel; the loop in [`serve`] is the only writer
+//! to the port, so messages never interleave.
+//!
+//! Message flow (guest → host on the left):
+//!
+//! ```text
+//! Hello                            →
+//!                                  ←  Welcome | Reject (stop)
+//!                                  ←  Provision
+//! Provisioned, Started {pid}       →  (or ProvisionFailed: nothing written)
+//! Output …                         →
+//! CredentialRequest {id}           →  (from the git helper via the socket)
+//!                                  ←  CredentialResponse {id}
+//!                                  ←  UpdateSecrets
+//! SecretsUpdated | UpdateSecretsFailed →
+//!                                  ←  Revoke {scrub}
+//! Revoked                          →  (agent processes killed, files gone)
+//! Exited {code, signal}            →  (after all output)
+//!                                  ←  Shutdown  → serve returns, PID 1 powers off
+//! ```
+//!
+//! **Invariants:**
+//! - The guest never asks for or holds a vault token; it acts only on what
+//!   the host sends.
+//! - After `Revoke` no credential request reaches the host and pending ones
+//!   are denied. If the agent user's processes cannot all be killed, the
+//!   loop stops with [`Outcome::RevokeFailed`] so PID 1 powers the VM off
+//!   rather than claim `Revoked`.
+//! - Whatever ends the loop (shutdown, host gone, write failure), the agent
+//!   user's processes are killed first.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use zerolease_protocol::{
+    Bytes, FrameReader, FrameWriter, GuestMessage, HandshakeError, HostMessage, PROTOCOL_VERSION,
+    Provision, ReadError, WriteError, check_welcome,
+};
+
+use crate::AGENT_VERSION;
+use crate::credential::{self, CredentialAsk, GitCredential, ServerPolicy};
+use crate::provision::{self, Layout, Provisioned, paths};
+use crate::run::{self, AgentEvent, Reaping};
+
+/// How the loop is set up.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The guest's filesystem root (`/` in the guest).
+    pub layout: Layout,
+    /// Where `/proc` is (for finding the agent user's processes).
+    pub proc_root: PathBuf,
+    /// How git runs the credential helper (`/init credential`).
+    pub helper_command: String,
+    /// How long a credential request waits for the host.
+    pub credential_timeout: Duration,
+    /// Whether to reap every child (PID 1) or only the agent.
+    pub reaping: Reaping,
+}
+
+/// Why the loop stopped without error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The host sent `Shutdown`.
+    Shutdown,
+    /// The host closed the channel (or it broke).
+    HostGone,
+    /// A `Revoke` could not kill every agent process: power off now.
+    RevokeFailed,
+}
+
+/// Why the loop could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Sending `Hello` failed.
+    #[error("cannot send hello")]
+    Hello(#[source] WriteError),
+    /// No answer to `Hello`.
+    #[error("no answer to hello")]
+    NoWelcome(#[source] ReadError),
+    /// The host's answer was not an acceptable `Welcome`.
+    #[error("handshake failed")]
+    Handshake(#[from] HandshakeError),
+}
+
+/// Events waiting for the main loop before producers block.
+const EVENT_QUEUE: usize = 64;
+
+enum Event {
+    Host(HostMessage),
+    HostGone,
+    Agent(AgentEvent),
+    Credential(CredentialAsk),
+}
+
+struct State {
+    provisioned: Option<Provisioned>,
+    agent_running: bool,
+    revoked: bool,
+    next_id: u64,
+    pending: HashMap<u64, mpsc::Sender<Option<GitCredential>>>,
+}
+
+/// Says hello on the control channel, then serves the host until it says
+/// `Shutdown` or goes away. `reader` and `writer` are the two directions of
+/// the control port.
+pub fn serve<R, W>(reader: R, writer: W, config: &AgentConfig) -> Result<Outcome, AgentError>
+where
+    R: Read + Send + 'static,
+    W: Write,
+{
+    let mut writer = FrameWriter::new(writer);
+    let mut reader = FrameReader::new(reader);
+    writer
+        .write_message(&GuestMessage::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: AGENT_VERSION.to_owned(),
+        })
+        .map_err(AgentError::Hello)?;
+    let answer: HostMessage = reader.read_message().map_err(AgentError::NoWelcome)?;
+    check_welcome(PROTOCOL_VERSION, &answer)?;
+
+    // Bounded, so an agent printing faster than the host reads is slowed
+    // down (its pipe fills) instead of growing this process's memory.
+    let (tx, rx) = mpsc::sync_channel::<Event>(EVENT_QUEUE);
+    let host_tx = tx.clone();
+    std::thread::spawn(move || read_host(reader, &host_tx));
+
+    let mut state = State {
+        provisioned: None,
+        agent_running: false,
+        revoked: false,
+        next_id: 1,
+        pending: HashMap::new(),
+    };
+    let outcome = loop {
+        let Ok(event) = rx.recv() else {
+            break Outcome::HostGone;
+        };
+        let step = match event {
+            Event::Host(message) => on_host(message, &mut state, config, &tx, &mut writer),
+            Event::HostGone => Ok(Some(Outcome::HostGone)),
+            Event::Agent(AgentEvent::Output(stream, data)) => writer
+                .write_message(&GuestMessage::Output {
+                    stream,
+                    data: Bytes(data),
+                })
+                .map(|()| None),
+            Event::Agent(AgentEvent::Exited { code, signal }) => {
+                state.agent_running = false;
+                writer
+                    .write_message(&GuestMessage::Exited { code, signal })
+                    .map(|()| None)
+            }
+            Event::Credential(ask) => on_credential(ask, &mut state, &mut writer).map(|()| None),
+        };
+        match step {
+            Ok(None) => {}
+            Ok(Some(outcome)) => break outcome,
+            Err(err) => {
+                log(&format!("cannot write to the host: {}", chain(&err)));
+                break Outcome::HostGone;
+            }
+        }
+    };
+    if let Some(done) = &state.provisioned
+        && outcome != Outcome::RevokeFailed
+        && let Err(err) = run::kill_user(done.user.uid, &config.proc_root)
+    {
+        log(&format!(
+            "cannot stop the agent's processes: {}",
+            chain(&err)
+        ));
+        return Ok(Outcome::RevokeFailed);
+    }
+    Ok(outcome)
+}
+
+fn read_host<R: Read>(mut reader: FrameReader<R>, tx: &mpsc::SyncSender<Event>) {
+    loop {
+        match reader.read_message::<HostMessage>() {
+            Ok(message) => {
+                if tx.send(Event::Host(message)).is_err() {
+                    return;
+                }
+            }
+            // A whole frame was read, so the stream is still in step: drop
+            // the bad message and go on.
+            Err(ReadError::Decode(err)) => {
+                log(&format!(
+                    "ignoring a malformed host message: {}",
+                    chain(&err)
+                ));
+            }
+            Err(ReadError::Frame(err)) => {
+                if !err.is_closed() {
+                    log(&format!("control channel failed: {}", chain(&err)));
+                }
+                let _ = tx.send(Event::HostGone);
+                return;
+            }
+        }
+    }
+}
+
+fn on_host<W: Write>(
+    message: HostMessage,
+    state: &mut State,
+    config: &AgentConfig,
+    tx: &mpsc::SyncSender<Event>,
+    writer: &mut FrameWriter<W>,
+) -> Result<Option<Outcome>, WriteError> {
+    match message {
+        HostMessage::Welcome { .. } | HostMessage::Reject { .. } => {
+            log("ignoring a repeated handshake message");
+        }
+        HostMessage::Provision(spec) => {
+            if state.provisioned.is_some() {
+                writer.write_message(&GuestMessage::ProvisionFailed {
+                    reason: "already provisioned".to_owned(),
+                })?;
+                return Ok(None);
+            }
+            match start(&spec, config, tx) {
+                Ok((done, pid)) => {
+                    state.provisioned = Some(done);
+                    state.agent_running = true;
+                    writer.write_message(&GuestMessage::Provisioned {})?;
+                    writer.write_message(&GuestMessage::Started { pid })?;
+                }
+                Err(reason) => {
+                    writer.write_message(&GuestMessage::ProvisionFailed { reason })?;
+                }
+            }
+        }
+        HostMessage::CredentialResponse { id, outcome } => {
+            match state.pending.remove(&id) {
+                Some(reply) => {
+                    let answer = match outcome {
+                        zerolease_protocol::CredentialOutcome::Granted { username, password } => {
+                            Some(GitCredential { username, password })
+                        }
+                        zerolease_protocol::CredentialOutcome::Denied { .. } => None,
+                    };
+                    // The helper may have timed out and gone: fine.
+                    let _ = reply.send(answer);
+                }
+                None => log(&format!(
+                    "ignoring a credential response for unknown id {id}"
+                )),
+            }
+        }
+        HostMessage::UpdateSecrets { env, files } => {
+            let answer = match &mut state.provisioned {
+                Some(done) if !state.revoked => {
+                    match provision::update(&config.layout, done, &env, &files) {
+                        Ok(()) => GuestMessage::SecretsUpdated {},
+                        Err(err) => GuestMessage::UpdateSecretsFailed {
+                            reason: reason(&err),
+                        },
+                    }
+                }
+                _ => GuestMessage::UpdateSecretsFailed {
+                    reason: "nothing is provisioned (or it was revoked)".to_owned(),
+                },
+            };
+            writer.write_message(&answer)?;
+        }
+        HostMessage::Revoke { scrub } => {
+            state.revoked = true;
+            for (_, reply) in state.pending.drain() {
+                let _ = reply.send(None);
+            }
+            if let Some(done) = &state.provisioned {
+                if let Err(err) = run::kill_user(done.user.uid, &config.proc_root) {
+                    log(&format!("revoke: {}", chain(&err)));
+                    return Ok(Some(Outcome::RevokeFailed));
+                }
+                let _ = std::fs::remove_file(config.layout.host_path(paths::CREDENTIAL_SOCKET));
+                if let Err(err) = provision::remove(&config.layout, done, scrub) {
+                    log(&format!("revoke: {}", chain(&err)));
+                }
+            }
+            writer.write_message(&GuestMessage::Revoked {})?;
+        }
+        HostMessage::Shutdown {} => return Ok(Some(Outcome::Shutdown)),
+    }
+    Ok(None)
+}
+
+fn on_credential<W: Write>(
+    ask: CredentialAsk,
+    state: &mut State,
+    writer: &mut FrameWriter<W>,
+) -> Result<(), WriteError> {
+    if state.revoked || state.provisioned.is_none() {
+        let _ = ask.reply.send(None);
+        return Ok(());
+    }
+    let id = state.next_id;
+    state.next_id += 1;
+    // The host answers every request, which removes its entry; a helper
+    // that timed out meanwhile just misses the answer.
+    state.pending.insert(id, ask.reply);
+    writer.write_message(&ask.request.to_message(id))
+}
+
+/// Provisions and starts the agent; on failure, the reason for
+/// `ProvisionFailed` (nothing is left written).
+fn start(
+    spec: &Provision,
+    config: &AgentConfig,
+    tx: &mpsc::SyncSender<Event>,
+) -> Result<(Provisioned, u32), String> {
+    let done = provision::provision(&config.layout, spec, &config.helper_command)
+        .map_err(|err| reason(&err))?;
+    let undo = |why: String| {
+        let _ = provision::remove(&config.layout, &done, true);
+        why
+    };
+    let socket = config.layout.host_path(paths::CREDENTIAL_SOCKET);
+    let listener = credential::bind(&socket, done.user.uid, done.user.gid)
+        .map_err(|err| undo(format!("cannot bind {}: {err}", paths::CREDENTIAL_SOCKET)))?;
+    let policy = ServerPolicy {
+        agent_uid: done.user.uid,
+        hosts: done.credential_hosts.clone(),
+        timeout: config.credential_timeout,
+    };
+    let ask_tx = tx.clone();
+    std::thread::spawn(move || {
+        credential::serve(listener, policy, move |ask| {
+            ask_tx.send(Event::Credential(ask)).is_ok()
+        });
+    });
+    let workdir = config.layout.host_path(&spec.workdir);
+    if !workdir.exists() {
+        std::fs::create_dir_all(&workdir)
+            .and_then(|()| {
+                std::os::unix::fs::chown(&workdir, Some(done.user.uid), Some(done.user.gid))
+            })
+            .map_err(|err| undo(format!("cannot create the workdir {}: {err}", spec.workdir)))?;
+    }
+    let agent_tx = tx.clone();
+    let pid = run::spawn(
+        &spec.command,
+        &done.env,
+        &done.user,
+        &workdir,
+        config.reaping,
+        move |event| {
+            let _ = agent_tx.send(Event::Agent(event));
+        },
+    )
+    .map_err(|err| undo(reason(&err)))?;
+    Ok((done, pid))
+}
+
+/// An error and its causes as one line, for the host (no control
+/// characters, bounded like the protocol's reason fields).
+fn reason(err: &dyn std::error::Error) -> String {
+    let mut text: String = chain(err)
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if text.len() > 1024 {
+        let mut cut = 1024;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+    }
+    text
+}
+
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn log(line: &str) {
+    eprintln!("zerolease-guest: {line}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::credential::GitRequest;
+
+    #[test]
+    fn reasons_are_one_bounded_line() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer\nline")]
+        struct Outer(#[source] std::io::Error);
+        let err = Outer(std::io::Error::other("inner"));
+        assert_eq!(reason(&err), "outer line: inner");
+        let long = std::io::Error::other("é".repeat(2000));
+        let text = reason(&long);
+        assert!(text.len() <= 1024 && text.starts_with('é'));
+    }
+
+    #[test]
+    fn git_request_ids_are_the_message_ids() {
+        let request = GitRequest {
+            protocol: "https".into(),
+            host: "h".into(),
+            path: None,
+        };
+        assert!(matches!(
+            request.to_message(42),
+            GuestMessage::CredentialRequest { id: 42, .. }
+        ));
+    }
+}
