@@ -12,4 +12,5 @@ pub mod home;
 pub mod jail;
 pub mod manifest;
 pub mod proxy;
+pub mod proxy_audit;
 pub mod vault;

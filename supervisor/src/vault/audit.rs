@@ -46,6 +46,9 @@ pub enum AuditKind {
     RenewDenied,
     LeaseRevoked,
     LeaseExpired,
+    TunnelOpened,
+    TunnelClosed,
+    ConnectionRefused,
 }
 
 impl AuditKind {
@@ -67,6 +70,9 @@ impl AuditKind {
             AuditKind::RenewDenied => "renew_denied",
             AuditKind::LeaseRevoked => "lease_revoked",
             AuditKind::LeaseExpired => "lease_expired",
+            AuditKind::TunnelOpened => "tunnel_opened",
+            AuditKind::TunnelClosed => "tunnel_closed",
+            AuditKind::ConnectionRefused => "connection_refused",
         }
     }
 }
