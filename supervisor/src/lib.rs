@@ -9,5 +9,6 @@ pub mod cli;
 pub mod clock;
 pub mod domain;
 pub mod home;
+pub mod image;
 pub mod jail;
 pub mod vault;

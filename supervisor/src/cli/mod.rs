@@ -5,6 +5,7 @@
 //! no-echo prompt — there is no flag that takes one — and leave only through
 //! `lease access` on stdout.
 
+mod image_cmd;
 mod output;
 
 use std::io::{IsTerminal, Read};
@@ -75,6 +76,9 @@ enum Command {
     /// Manage the vault's master key.
     #[command(subcommand)]
     Key(KeyCmd),
+    /// Scan, seal and verify credential-free guest images.
+    #[command(subcommand)]
+    Image(image_cmd::ImageCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -274,6 +278,9 @@ fn open_vault(cli: &Cli, env_keys: EnvKeys) -> anyhow::Result<Vault> {
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitStatus> {
+    if let Command::Image(cmd) = &cli.command {
+        return image_cmd::run(cmd, cli.json);
+    }
     let mut vault = open_vault(&cli, env_keys)?;
     let j = cli.json;
     match cli.command {
@@ -281,6 +288,7 @@ pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitStatus> {
         Command::Policy(cmd) => policy(&vault, cmd, j),
         Command::Lease(cmd) => lease(&vault, cmd, j),
         Command::Audit(cmd) => audit(&vault, cmd, j),
+        Command::Image(cmd) => image_cmd::run(&cmd, j),
         Command::Key(KeyCmd::Rotate { to }) => {
             let kind = vault.rotate_key(to)?;
             if j {
