@@ -54,6 +54,7 @@ fn request(name: &str, dir: &Path) -> SealRequest {
             deb_sha256: "00".repeat(32),
         },
         also_scan: Vec::new(),
+        allow: image::Allowlist::default(),
     }
 }
 
@@ -223,6 +224,7 @@ fn missing_or_broken_records_are_refused() {
         path: "/x".into(),
         rule: Rule::GithubToken,
         location: image::Location::Offset(1),
+        fingerprint: None,
     });
     fs::write(
         other.join("image.json"),

@@ -1,19 +1,26 @@
 //! `zerolease image …`: scan, seal and verify guest images. These commands
 //! never open the vault.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
 
 use clap::Subcommand;
 
 use super::ExitStatus;
 use super::output::json;
-use crate::image::{self, ImageError, KernelPackage, SealRequest, scan};
+use crate::image::{self, Allowlist, ImageError, KernelPackage, SealRequest, scan};
 
 #[derive(Debug, Subcommand)]
 pub enum ImageCmd {
     /// Scan a directory, a cpio archive (plain, gzip, zstd) or an image
     /// directory for credential material. Exit 0: clean; 6: findings.
-    Scan { path: PathBuf },
+    Scan {
+        path: PathBuf,
+        /// Accept the private keys listed (by SHA-256) in this file.
+        #[arg(long, value_name = "FILE")]
+        allow: Option<PathBuf>,
+    },
     /// Scan an image directory's initramfs, hash its files and write
     /// image.json (what scripts/build-image runs). Exit 6 if the scan finds
     /// anything; the record then says the scan failed.
@@ -37,6 +44,10 @@ pub enum ImageCmd {
         /// Also scan this tree (e.g. the initramfs staging directory).
         #[arg(long = "also-scan", value_name = "DIR")]
         also_scan: Vec<PathBuf>,
+        /// Accept the private keys listed (by SHA-256) in this file, e.g.
+        /// images/NAME/scan-allow.
+        #[arg(long, value_name = "FILE")]
+        allow: Option<PathBuf>,
     },
     /// Check an image before boot: record present, scan passed, digests
     /// match. NAME is looked up under $ZEROLEASE_IMAGES (default
@@ -65,10 +76,28 @@ fn print_findings(findings: &[image::Finding]) {
     }
 }
 
+fn allowed_note(n: usize) -> String {
+    if n == 0 {
+        String::new()
+    } else {
+        format!("; {n} allowlisted test key(s)")
+    }
+}
+
+fn load_allowlist(path: Option<&Path>) -> anyhow::Result<Allowlist> {
+    let Some(path) = path else {
+        return Ok(Allowlist::default());
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the allowlist {}", path.display()))?;
+    Allowlist::parse(&text).with_context(|| format!("in {}", path.display()))
+}
+
 pub fn run(cmd: &ImageCmd, j: bool) -> anyhow::Result<ExitStatus> {
     match cmd {
-        ImageCmd::Scan { path } => {
-            let report = scan::scan_path(path)?;
+        ImageCmd::Scan { path, allow } => {
+            let mut report = scan::scan_path(path)?;
+            report.apply(&load_allowlist(allow.as_deref())?);
             if j {
                 json(&serde_json::json!({
                     "path": path,
@@ -76,13 +105,15 @@ pub fn run(cmd: &ImageCmd, j: bool) -> anyhow::Result<ExitStatus> {
                     "files": report.files,
                     "bytes": report.bytes,
                     "findings": report.findings,
+                    "allowed": report.allowed,
                 }))?;
             } else if report.is_clean() {
                 println!(
-                    "{}: clean ({} files, {} bytes scanned)",
+                    "{}: clean ({} files, {} bytes scanned{})",
                     path.display(),
                     report.files,
-                    report.bytes
+                    report.bytes,
+                    allowed_note(report.allowed.len())
                 );
             } else {
                 eprintln!(
@@ -106,6 +137,7 @@ pub fn run(cmd: &ImageCmd, j: bool) -> anyhow::Result<ExitStatus> {
             kernel_release,
             kernel_deb_sha256,
             also_scan,
+            allow,
         } => {
             let req = SealRequest {
                 name: name.clone(),
@@ -117,6 +149,7 @@ pub fn run(cmd: &ImageCmd, j: bool) -> anyhow::Result<ExitStatus> {
                     deb_sha256: kernel_deb_sha256.clone(),
                 },
                 also_scan: also_scan.clone(),
+                allow: load_allowlist(allow.as_deref())?,
             };
             match image::seal(&req) {
                 Ok(record) => {
@@ -124,11 +157,12 @@ pub fn run(cmd: &ImageCmd, j: bool) -> anyhow::Result<ExitStatus> {
                         json(&record)?;
                     } else {
                         println!(
-                            "sealed image `{}`: vmlinuz {} initramfs {} ({} files scanned, clean)",
+                            "sealed image `{}`: vmlinuz {} initramfs {} ({} files scanned, clean{})",
                             record.name,
                             record.kernel.sha256,
                             record.initramfs.sha256,
-                            record.scan.files
+                            record.scan.files,
+                            allowed_note(record.scan.allowed.len())
                         );
                     }
                     Ok(ExitStatus::Success)

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-pub use scan::{Finding, Location, Rule, ScanError, ScanReport};
+pub use scan::{Allowlist, Finding, Location, Rule, ScanError, ScanReport};
 
 /// The kernel's file name inside an image directory.
 pub const KERNEL_FILE: &str = "vmlinuz";
@@ -107,6 +107,10 @@ pub struct ScanRecord {
     pub files: u64,
     pub bytes: u64,
     pub findings: Vec<Finding>,
+    /// Private keys the recipe's allowlist accepted as public test
+    /// material (see [`Allowlist`]).
+    #[serde(default)]
+    pub allowed: Vec<Finding>,
 }
 
 /// `image.json`.
@@ -129,6 +133,8 @@ pub struct SealRequest {
     pub kernel_package: KernelPackage,
     /// Extra trees to scan as well, e.g. the initramfs staging directory.
     pub also_scan: Vec<PathBuf>,
+    /// Known public test keys to accept (the recipe's `scan-allow`).
+    pub allow: Allowlist,
 }
 
 /// An image that passed [`verify`]: boot these paths.
@@ -286,6 +292,7 @@ pub fn seal(req: &SealRequest) -> Result<ImageRecord, ImageError> {
         report.merge(scan::scan_dir(extra).map_err(scan_err)?);
         targets.push(extra.display().to_string());
     }
+    report.apply(&req.allow);
     // The initramfs may have changed while it was scanned.
     let again = digest(name, &req.dir, INITRAMFS_FILE)?;
     if again != initramfs {
@@ -309,6 +316,7 @@ pub fn seal(req: &SealRequest) -> Result<ImageRecord, ImageError> {
             files: report.files,
             bytes: report.bytes,
             findings: report.findings,
+            allowed: report.allowed,
         },
     };
     write_record(&record_path, &record).map_err(|source| ImageError::Io {

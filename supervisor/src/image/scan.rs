@@ -95,6 +95,12 @@ pub struct Finding {
     pub path: String,
     pub rule: Rule,
     pub location: Location,
+    /// For private keys only: SHA-256 of the whole key block (BEGIN line
+    /// through END line), so a known public test key can be allowed by
+    /// digest. Never set for passwords or tokens, whose digests could be
+    /// brute-forced back to the secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
 }
 
 impl fmt::Display for Finding {
@@ -103,7 +109,11 @@ impl fmt::Display for Finding {
             Location::Line(n) => ("line", n),
             Location::Offset(n) => ("offset", n),
         };
-        write!(f, "{}: {} at {what} {n}", self.path, self.rule.describe())
+        write!(f, "{}: {} at {what} {n}", self.path, self.rule.describe())?;
+        if let Some(fp) = &self.fingerprint {
+            write!(f, " (sha256 {fp})")?;
+        }
+        Ok(())
     }
 }
 
@@ -113,6 +123,9 @@ pub struct ScanReport {
     pub files: u64,
     pub bytes: u64,
     pub findings: Vec<Finding>,
+    /// Findings an [`Allowlist`] accepted; recorded, not failing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed: Vec<Finding>,
 }
 
 impl ScanReport {
@@ -130,7 +143,84 @@ impl ScanReport {
         self.files += other.files;
         self.bytes += other.bytes;
         self.findings.extend(other.findings);
+        self.allowed.extend(other.allowed);
     }
+
+    /// Moves the findings `allow` accepts from `findings` to `allowed`.
+    pub fn apply(&mut self, allow: &Allowlist) {
+        let (allowed, findings) = std::mem::take(&mut self.findings)
+            .into_iter()
+            .partition(|f| allow.accepts(f));
+        self.findings = findings;
+        self.allowed.extend::<Vec<Finding>>(allowed);
+    }
+}
+
+/// Private keys known to be public test material (e.g. the self-test keys
+/// GnuTLS compiles into `libgnutls.so`), accepted by the SHA-256 of the
+/// whole key block. Only private-key findings can be allowed, and only by
+/// exact digest: there is no path or rule wildcard.
+///
+/// Text format: one `SHA256  reason…` per line, `#` comments.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Allowlist {
+    digests: std::collections::BTreeSet<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("allowlist line {line}: expected a 64-digit hex SHA-256, then a reason")]
+pub struct AllowlistError {
+    pub line: usize,
+}
+
+impl Allowlist {
+    pub fn parse(text: &str) -> Result<Allowlist, AllowlistError> {
+        let mut digests = std::collections::BTreeSet::new();
+        for (i, raw) in text.lines().enumerate() {
+            let line = raw.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let mut words = line.split_whitespace();
+            let digest = words.next().unwrap_or("");
+            let has_reason = words.next().is_some();
+            if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) || !has_reason {
+                return Err(AllowlistError { line: i + 1 });
+            }
+            digests.insert(digest.to_ascii_lowercase());
+        }
+        Ok(Allowlist { digests })
+    }
+
+    pub fn accepts(&self, f: &Finding) -> bool {
+        f.rule == Rule::PrivateKey
+            && f.fingerprint
+                .as_ref()
+                .is_some_and(|fp| self.digests.contains(fp))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.digests.is_empty()
+    }
+}
+
+/// The SHA-256 of a private key block starting at `start`: through the end
+/// of its END line (or the `-----`-free end of the block if none follows
+/// within 64 KiB).
+fn key_fingerprint(contents: &[u8], start: usize) -> String {
+    use sha2::{Digest, Sha256};
+    let window = &contents[start..contents.len().min(start + 64 * 1024)];
+    let end = window
+        .windows(8)
+        .position(|w| w == b"-----END" || w == b"---- END")
+        .map(|at| {
+            window[at..]
+                .iter()
+                .position(|&b| b == b'\n')
+                .map_or(window.len(), |nl| at + nl + 1)
+        })
+        .unwrap_or(window.len());
+    hex::encode(Sha256::digest(&window[..end]))
 }
 
 /// Why a walk could not finish. A failed walk is not a clean scan.
@@ -206,16 +296,17 @@ static PATTERNS: LazyLock<Patterns> = LazyLock::new(|| {
 pub fn scan_bytes(path: &str, contents: &[u8]) -> Vec<Finding> {
     let path = normalise(path);
     let mut out = Vec::new();
-    let mut push = |rule: Rule, location: Location| {
+    let mut push = |rule: Rule, location: Location, fingerprint: Option<String>| {
         out.push(Finding {
             path: path.clone(),
             rule,
             location,
+            fingerprint,
         })
     };
 
     for (rule, line) in path_rules(&path, contents) {
-        push(rule, Location::Line(line));
+        push(rule, Location::Line(line), None);
     }
 
     let p = &*PATTERNS;
@@ -239,7 +330,9 @@ pub fn scan_bytes(path: &str, contents: &[u8]) -> Vec<Finding> {
                         continue;
                     }
                 }
-                push(*rule, locate(m.start()));
+                let fingerprint =
+                    (*rule == Rule::PrivateKey).then(|| key_fingerprint(contents, m.start()));
+                push(*rule, locate(m.start()), fingerprint);
             }
         }
     }
@@ -465,7 +558,7 @@ pub fn scan_cpio(path: &Path) -> Result<ScanReport, ScanError> {
     Ok(report)
 }
 
-/// Scans a directory, a cpio archive, or an image directory (one holding
+/// Scans a directory, a cpio archive, a single file, or an image directory (one holding
 /// `initramfs.cpio.gz`, of which only the initramfs is scanned: the kernel
 /// comes from a verified Debian package).
 pub fn scan_path(path: &Path) -> Result<ScanReport, ScanError> {
@@ -479,9 +572,45 @@ pub fn scan_path(path: &Path) -> Result<ScanReport, ScanError> {
             return scan_cpio(&initramfs);
         }
         scan_dir(path)
-    } else {
+    } else if looks_like_archive(path)? {
         scan_cpio(path)
+    } else {
+        // Any other single file is scanned as itself.
+        if meta.len() > MAX_FILE {
+            return Err(ScanError::TooLarge {
+                path: path.to_path_buf(),
+                size: meta.len(),
+            });
+        }
+        let contents = fs::read(path).map_err(|source| ScanError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut report = ScanReport::default();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        report.add(name.as_deref().unwrap_or("file"), &contents);
+        Ok(report)
     }
+}
+
+/// gzip, zstd or newc magic at the start of the file.
+fn looks_like_archive(path: &Path) -> Result<bool, ScanError> {
+    let mut magic = [0u8; 4];
+    let n = io::Read::read(
+        &mut fs::File::open(path).map_err(|source| ScanError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?,
+        &mut magic,
+    )
+    .map_err(|source| ScanError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let magic = &magic[..n];
+    Ok(magic.starts_with(&[0x1f, 0x8b])
+        || magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd])
+        || magic.starts_with(b"0707"))
 }
 
 #[cfg(test)]
@@ -560,6 +689,50 @@ mod tests {
                 "{rule:?} near miss in {miss_path}: {:?}",
                 rules(miss_path, &miss)
             );
+        }
+    }
+
+    #[test]
+    fn allowlist_accepts_only_private_keys_by_exact_digest() {
+        let key = pem("");
+        let other = pem("RSA ");
+        let token = format!("ghp_{}", rep('t', 36));
+        let text = format!("x\n{key}y\n{other}{token}\n");
+        let mut report = ScanReport::default();
+        report.add("/lib/libtls.so", text.as_bytes());
+        assert_eq!(report.findings.len(), 3);
+        let fp = |k: &str| {
+            use sha2::{Digest, Sha256};
+            hex::encode(Sha256::digest(k.as_bytes()))
+        };
+        // The fingerprint covers the whole block, BEGIN through END line.
+        assert_eq!(
+            report.findings[0].fingerprint.as_deref(),
+            Some(fp(&key).as_str())
+        );
+        assert!(
+            report.findings[2].fingerprint.is_none(),
+            "tokens carry no digest"
+        );
+
+        let allow = Allowlist::parse(&format!(
+            "# test keys\n{}  public test key\n\n",
+            fp(&key).to_uppercase()
+        ))
+        .unwrap();
+        report.apply(&allow);
+        assert_eq!(report.allowed.len(), 1);
+        assert_eq!(report.allowed[0].location, Location::Line(2));
+        let left: Vec<Rule> = report.findings.iter().map(|f| f.rule).collect();
+        assert_eq!(left, [Rule::PrivateKey, Rule::GithubToken]);
+        assert!(!report.is_clean());
+
+        for bad in [
+            "abc reason",
+            &format!("{} ", fp(&key)),
+            &format!("{}z reason", &fp(&key)[1..]),
+        ] {
+            assert!(Allowlist::parse(bad).is_err(), "{bad}");
         }
     }
 
