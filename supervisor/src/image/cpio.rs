@@ -186,7 +186,7 @@ impl<R: BufRead> NewcReader<R> {
                 continue;
             }
             // The kernel looks for the next header on a 4-byte boundary.
-            if self.offset % 4 != 0 || !buf.starts_with(b"0707") {
+            if !self.offset.is_multiple_of(4) || !buf.starts_with(b"0707") {
                 return Err(CpioError::TrailingData { offset });
             }
             return Ok(());
@@ -312,7 +312,7 @@ struct ZstdFrames<R: BufRead> {
 
 enum ZstdState<R: BufRead> {
     Between(R),
-    In(ruzstd::decoding::StreamingDecoder<R, ruzstd::decoding::FrameDecoder>),
+    In(Box<ruzstd::decoding::StreamingDecoder<R, ruzstd::decoding::FrameDecoder>>),
 }
 
 impl<R: BufRead> ZstdFrames<R> {
@@ -334,7 +334,7 @@ impl<R: BufRead> Read for ZstdFrames<R> {
                     }
                     let decoder = ruzstd::decoding::StreamingDecoder::new(inner)
                         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-                    self.state = Some(ZstdState::In(decoder));
+                    self.state = Some(ZstdState::In(Box::new(decoder)));
                 }
                 Some(ZstdState::In(mut decoder)) => {
                     let n = decoder.read(buf)?;
@@ -374,11 +374,11 @@ pub fn write_newc(members: &[(&str, u32, &[u8])]) -> Vec<u8> {
         out.extend_from_slice(header.as_bytes());
         out.extend_from_slice(name.as_bytes());
         out.push(0);
-        while out.len() % 4 != 0 {
+        while !out.len().is_multiple_of(4) {
             out.push(0);
         }
         out.extend_from_slice(data);
-        while out.len() % 4 != 0 {
+        while !out.len().is_multiple_of(4) {
             out.push(0);
         }
     };
