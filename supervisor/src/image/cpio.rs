@@ -453,6 +453,42 @@ mod tests {
         assert_eq!(all(&two).unwrap().last().unwrap().name, "second");
     }
 
+    proptest::proptest! {
+        /// What `write_newc` writes reads back unchanged, file data only for
+        /// regular files.
+        #[test]
+        fn round_trip(members in proptest::collection::vec(
+            ("[a-z]{1,8}(/[a-z]{1,8}){0,3}", proptest::bool::ANY, proptest::collection::vec(proptest::num::u8::ANY, 0..64)),
+            0..8,
+        )) {
+            let owned: Vec<(String, u32, Vec<u8>)> = members
+                .into_iter()
+                .map(|(n, file, d)| (n, if file { 0o100_644 } else { 0o120_777 }, d))
+                .collect();
+            let refs: Vec<(&str, u32, &[u8])> =
+                owned.iter().map(|(n, m, d)| (n.as_str(), *m, d.as_slice())).collect();
+            let got = all(&write_newc(&refs)).unwrap();
+            proptest::prop_assert_eq!(got.len(), owned.len());
+            for (e, (n, m, d)) in got.iter().zip(&owned) {
+                proptest::prop_assert_eq!(&e.name, n);
+                proptest::prop_assert_eq!(e.mode, *m);
+                let want: &[u8] = if e.is_file() { d } else { &[] };
+                proptest::prop_assert_eq!(e.data.as_slice(), want);
+            }
+        }
+
+        /// Corrupting or cutting an archive anywhere yields entries or an
+        /// error, never a panic or an endless loop.
+        #[test]
+        fn damage_never_panics(at in 0usize..400, byte in proptest::num::u8::ANY, cut in 0usize..400) {
+            let mut bytes = sample();
+            let at = at % bytes.len();
+            bytes[at] = byte;
+            bytes.truncate(bytes.len() - cut % bytes.len());
+            let _ = all(&bytes);
+        }
+    }
+
     #[test]
     fn adversarial_inputs_fail_closed() {
         let good = sample();
