@@ -179,9 +179,7 @@ pub fn run(cmd: &ImageCmd, j: bool) -> anyhow::Result<ExitStatus> {
             }
         }
         ImageCmd::Verify { image: arg, images } => {
-            let root = image::images_root(images.as_deref());
-            let verified = image::resolve(arg, &root).and_then(|dir| image::verify(&dir));
-            match verified {
+            match image::verify_named(arg, images.as_deref()) {
                 Ok(v) => {
                     if j {
                         json(&serde_json::json!({

@@ -414,6 +414,12 @@ pub fn verify(dir: &Path) -> Result<VerifiedImage, ImageError> {
     })
 }
 
+/// [`verify`] for a command-line style argument: an image name looked up
+/// under [`images_root`]`(images)`, or a directory path (contains `/`).
+pub fn verify_named(arg: &str, images: Option<&Path>) -> Result<VerifiedImage, ImageError> {
+    verify(&resolve(arg, &images_root(images))?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
