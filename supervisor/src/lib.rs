@@ -9,6 +9,7 @@ pub mod cli;
 pub mod clock;
 pub mod domain;
 pub mod home;
+pub mod image;
 pub mod jail;
 pub mod manifest;
 pub mod proxy;

@@ -5,6 +5,7 @@
 //! no-echo prompt — there is no flag that takes one — and leave only through
 //! `lease access` on stdout.
 
+mod image_cmd;
 mod output;
 
 use std::io::{IsTerminal, Read};
@@ -76,6 +77,9 @@ enum Command {
     /// Manage the vault's master key.
     #[command(subcommand)]
     Key(KeyCmd),
+    /// Scan, seal and verify credential-free guest images.
+    #[command(subcommand)]
+    Image(image_cmd::ImageCmd),
     /// Validate session manifests.
     #[command(subcommand)]
     Manifest(ManifestCmd),
@@ -290,6 +294,9 @@ fn open_vault(cli: &Cli, env_keys: EnvKeys) -> anyhow::Result<Vault> {
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitStatus> {
+    if let Command::Image(cmd) = &cli.command {
+        return image_cmd::run(cmd, cli.json);
+    }
     let mut vault = open_vault(&cli, env_keys)?;
     let j = cli.json;
     match cli.command {
@@ -300,6 +307,7 @@ pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitStatus> {
         Command::Manifest(ManifestCmd::Check { file, agent }) => {
             manifest_check(&vault, &file, agent, j)
         }
+        Command::Image(cmd) => image_cmd::run(&cmd, j),
         Command::Key(KeyCmd::Rotate { to }) => {
             let kind = vault.rotate_key(to)?;
             if j {

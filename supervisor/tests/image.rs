@@ -1,0 +1,243 @@
+//! Images: a planted credential is refused at build (`seal`) and at boot
+//! (`verify`); a file changed after sealing is refused at boot; a clean
+//! image passes. Small images made here — the real Debian image is built by
+//! `scripts/build-image`, not by `cargo test`.
+
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+use std::process::Command;
+
+use zerolease::image::{
+    self, ImageError, KernelPackage, Rule, SealRequest, cpio::write_newc, verify,
+};
+
+fn fake_key() -> String {
+    // Built at run time so this file does not itself look like a key.
+    format!(
+        "-----BEGIN {}PRIVATE KEY-----\n{}\n-----END {}PRIVATE KEY-----\n",
+        "OPENSSH ",
+        "b3BlbnNzaC1rZXktdjEAAAAA".repeat(3),
+        "OPENSSH "
+    )
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(bytes).unwrap();
+    gz.finish().unwrap()
+}
+
+/// Makes `root/name` with a kernel and an initramfs holding `extra`.
+fn make_image(root: &Path, name: &str, extra: &[(&str, u32, &[u8])]) -> std::path::PathBuf {
+    let dir = root.join(name);
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join(image::KERNEL_FILE), b"MZ fake bzImage\x00\x01\x02").unwrap();
+    let mut members: Vec<(&str, u32, &[u8])> = vec![
+        ("init", 0o100_755, b"\x7fELF stub init"),
+        ("etc", 0o040_755, b""),
+        ("etc/passwd", 0o100_644, b"root:x:0:0:root:/root:/bin/sh\n"),
+    ];
+    members.extend_from_slice(extra);
+    fs::write(dir.join(image::INITRAMFS_FILE), gzip(&write_newc(&members))).unwrap();
+    dir
+}
+
+fn request(name: &str, dir: &Path) -> SealRequest {
+    SealRequest {
+        name: name.into(),
+        dir: dir.into(),
+        kernel_package: KernelPackage {
+            package: "linux-image-test-cloud-amd64".into(),
+            version: "1.0-1".into(),
+            release: "test-cloud-amd64".into(),
+            deb_sha256: "00".repeat(32),
+        },
+        also_scan: Vec::new(),
+        allow: image::Allowlist::default(),
+    }
+}
+
+fn cli(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_zerolease"))
+        .args(args)
+        .env_remove("ZEROLEASE_IMAGES")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn clean_image_seals_and_verifies() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = make_image(root.path(), "clean", &[]);
+    let record = image::seal(&request("clean", &dir)).unwrap();
+    assert!(record.scan.passed);
+    assert_eq!(record.scan.files, 2);
+    let v = verify(&dir).unwrap();
+    assert_eq!(v.record, record);
+    assert_eq!(v.initramfs, dir.join("initramfs.cpio.gz"));
+
+    // The CLI agrees, by name under --images and by path.
+    let root_s = root.path().to_str().unwrap();
+    let (code, out, err) = cli(&["image", "verify", "clean", "--images", root_s]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, _) = cli(&["image", "verify", dir.to_str().unwrap(), "--json"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("\"verified\":true"), "{out}");
+    let (code, out, _) = cli(&["image", "scan", dir.to_str().unwrap()]);
+    assert_eq!(code, 0);
+    assert!(out.contains("clean"), "{out}");
+}
+
+#[test]
+fn planted_key_is_refused_by_seal_and_verify() {
+    let root = tempfile::tempdir().unwrap();
+    let key = fake_key();
+    let dir = make_image(
+        root.path(),
+        "dirty",
+        &[("home/agent/.ssh/id_ed25519", 0o100_600, key.as_bytes())],
+    );
+    let err = image::seal(&request("dirty", &dir)).unwrap_err();
+    assert!(
+        matches!(err, ImageError::ScanFailed { findings: 1, .. }),
+        "{err}"
+    );
+    // The record on disk says the scan failed, and names the file, not the key.
+    let record = image::read_record(&dir).unwrap();
+    assert!(!record.scan.passed);
+    assert_eq!(record.scan.findings[0].rule, Rule::PrivateKey);
+    assert_eq!(record.scan.findings[0].path, "/home/agent/.ssh/id_ed25519");
+    let on_disk = fs::read_to_string(dir.join("image.json")).unwrap();
+    assert!(!on_disk.contains("b3BlbnNzaC1rZXkt"), "{on_disk}");
+
+    let err = verify(&dir).unwrap_err();
+    assert!(matches!(err, ImageError::ScanFailed { .. }), "{err}");
+    assert!(
+        err.to_string().contains("scripts/build-image dirty"),
+        "{err}"
+    );
+
+    // The CLI: scan exits 6 and lists the finding without the key text.
+    let (code, out, err) = cli(&["image", "scan", dir.to_str().unwrap()]);
+    assert_eq!(code, 6, "{out}{err}");
+    assert!(
+        err.contains("/home/agent/.ssh/id_ed25519: private key at line 1"),
+        "{err}"
+    );
+    assert!(!err.contains("b3BlbnNzaC1rZXkt") && !out.contains("b3BlbnNzaC1rZXkt"));
+    let (code, _, _) = cli(&["image", "verify", dir.to_str().unwrap()]);
+    assert_eq!(code, 6);
+
+    // A key in the staging tree (not yet in the archive) fails the seal too.
+    let clean = make_image(root.path(), "staged", &[]);
+    let staging = root.path().join("staging/root/.aws");
+    fs::create_dir_all(&staging).unwrap();
+    fs::write(
+        staging.join("credentials"),
+        "[default]\naws_secret_access_key = abc/def\n",
+    )
+    .unwrap();
+    let mut req = request("staged", &clean);
+    req.also_scan = vec![root.path().join("staging")];
+    let err = image::seal(&req).unwrap_err();
+    assert!(matches!(err, ImageError::ScanFailed { .. }), "{err}");
+    assert!(verify(&clean).is_err());
+}
+
+#[test]
+fn tampered_files_are_refused_by_verify() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = make_image(root.path(), "tamper", &[]);
+    image::seal(&request("tamper", &dir)).unwrap();
+    verify(&dir).unwrap();
+
+    // One byte of the initramfs changed after sealing.
+    let path = dir.join(image::INITRAMFS_FILE);
+    let original = fs::read(&path).unwrap();
+    let mut bytes = original.clone();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    fs::write(&path, &bytes).unwrap();
+    let err = verify(&dir).unwrap_err();
+    match &err {
+        ImageError::DigestMismatch { file, .. } => assert_eq!(*file, "initramfs.cpio.gz"),
+        other => panic!("{other}"),
+    }
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with("image `tamper`: initramfs.cpio.gz does not match image.json (sha256 ")
+            && msg.ends_with("rebuild it with scripts/build-image tamper"),
+        "{msg}"
+    );
+    let (code, _, stderr) = cli(&["image", "verify", dir.to_str().unwrap()]);
+    assert_eq!(code, 6, "{stderr}");
+    fs::write(&path, &original).unwrap();
+    verify(&dir).unwrap();
+
+    // The kernel too.
+    fs::write(dir.join(image::KERNEL_FILE), b"another kernel").unwrap();
+    assert!(matches!(
+        verify(&dir),
+        Err(ImageError::DigestMismatch {
+            file: "vmlinuz",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn missing_or_broken_records_are_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = make_image(root.path(), "norecord", &[]);
+    let err = verify(&dir).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ImageError::Missing {
+                file: "image.json",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let (code, _, _) = cli(&["image", "verify", dir.to_str().unwrap()]);
+    assert_eq!(code, 4);
+
+    fs::write(dir.join("image.json"), "{ not json").unwrap();
+    assert!(matches!(verify(&dir), Err(ImageError::BadRecord { .. })));
+
+    // A record copied from another image does not vouch for this one.
+    let other = make_image(root.path(), "other", &[]);
+    image::seal(&request("other", &other)).unwrap();
+    fs::copy(other.join("image.json"), dir.join("image.json")).unwrap();
+    assert!(matches!(verify(&dir), Err(ImageError::NameMismatch { .. })));
+
+    // A record edited to claim a pass is still refused if it lists findings.
+    let mut record = image::read_record(&other).unwrap();
+    record.scan.findings.push(image::Finding {
+        path: "/x".into(),
+        rule: Rule::GithubToken,
+        location: image::Location::Offset(1),
+        fingerprint: None,
+    });
+    fs::write(
+        other.join("image.json"),
+        serde_json::to_string(&record).unwrap(),
+    )
+    .unwrap();
+    assert!(matches!(verify(&other), Err(ImageError::ScanFailed { .. })));
+
+    // Missing files.
+    fs::remove_file(other.join(image::KERNEL_FILE)).unwrap();
+    assert!(image::seal(&request("other", &other)).is_err());
+    assert!(
+        !other.join("image.json").exists(),
+        "seal removes a stale record first"
+    );
+}
