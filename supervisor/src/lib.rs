@@ -11,3 +11,4 @@ pub mod domain;
 pub mod home;
 pub mod jail;
 pub mod vault;
+pub mod vm;
