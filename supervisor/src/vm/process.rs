@@ -527,7 +527,10 @@ async fn kill_adopted(session: &JailId, pid: u32) -> Result<(), VmError> {
     // `AsyncFd` takes ownership of; nothing else closes or replaces it while
     // it is registered.
     let readable = unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
-        .map_err(|source| VmError::Wait { pid, source })?;
+        .map_err(|err| VmError::Wait {
+            pid,
+            source: err.into(),
+        })?;
     match tokio::time::timeout(KILL_WAIT, readable.readable()).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(source)) => Err(VmError::Wait { pid, source }),

@@ -377,6 +377,7 @@ mod tests {
     }
 
     /// What a fake attempt does.
+    #[derive(Debug)]
     enum Script {
         /// Start fails.
         StartFails,
@@ -406,6 +407,7 @@ mod tests {
         }
     }
 
+    #[derive(Debug)]
     struct FakeVm {
         accel: AccelKind,
         script: Script,
