@@ -585,18 +585,32 @@ pub async fn reap_leftovers(
     Ok(reaped)
 }
 
-/// `/proc/<pid>/cmdline`; `None` when the process is gone or has no
-/// command line (a zombie or a kernel thread — in either case not a
-/// running QEMU).
+/// `/proc/<pid>/cmdline`; `None` when the process is gone (or a zombie,
+/// which is as good as gone). A live process can show an empty command line
+/// (a kernel thread, or one caught in the middle of `execve`); that is
+/// returned as empty, which carries no marker.
 fn read_cmdline(pid: u32) -> Result<Option<Vec<u8>>, VmError> {
     match std::fs::read(format!("/proc/{pid}/cmdline")) {
-        Ok(bytes) if bytes.is_empty() => Ok(None),
+        Ok(bytes) if bytes.is_empty() => Ok((!is_zombie_or_gone(pid)).then_some(bytes)),
         Ok(bytes) => Ok(Some(bytes)),
         Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
         // ESRCH shows up when the process exits while we read.
         Err(err) if err.raw_os_error() == Some(libc::ESRCH) => Ok(None),
         Err(source) => Err(VmError::Proc { pid, source }),
     }
+}
+
+/// Whether `/proc/<pid>/stat` says the process is a zombie or dead (or it is
+/// gone altogether).
+fn is_zombie_or_gone(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    // `pid (comm) S …`: the state follows the last `)`, as comm may hold
+    // parentheses and spaces.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next())
+        .is_some_and(|state| matches!(state, 'Z' | 'X' | 'x'))
 }
 
 /// The session id of a QEMU command line: `argv[0]` is a `qemu-system-*`

@@ -1,0 +1,368 @@
+//! The QEMU side of a session against a real QEMU under TCG.
+//!
+//! The VMs here boot firmware only (no kernel): enough for QMP, process
+//! control, descriptor passing and the watchdog's timeout. Under `CI=true`
+//! a missing QEMU fails these tests; elsewhere they skip with a reason.
+
+use std::ffi::OsString;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use zerolease::jail::JailId;
+use zerolease::vm::argv::{self, AccelKind, Machine, VmSpec};
+use zerolease::vm::process::{self, StopRequest, Stopped, VmError, VmRecord};
+use zerolease::vm::watchdog::{BootError, QemuBooter, boot_with_fallback};
+use zerolease::vm::{Vm, reap_leftovers};
+
+const QMP_BOUND: Duration = Duration::from_secs(10);
+
+/// The QEMU binary, or `None` (skip) outside CI when it is missing.
+fn qemu() -> Option<PathBuf> {
+    match process::find_qemu() {
+        Ok(path) => Some(path),
+        Err(err) => {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("CI=true and {err}");
+            }
+            eprintln!("SKIPPED: {err}");
+            None
+        }
+    }
+}
+
+fn spec(session: &str, dir: &Path) -> VmSpec {
+    VmSpec {
+        session: JailId::parse(session).unwrap(),
+        machine: Machine::Q35,
+        accel: AccelKind::Tcg,
+        vcpus: 1,
+        memory_mib: 128,
+        boot: None,
+        disk: None,
+        net: None,
+        runtime_dir: dir.to_owned(),
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie keeps its /proc entry but has no command line.
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
+}
+
+async fn started(qemu: &Path, session: &str, dir: &Path) -> Vm {
+    let t = Instant::now();
+    let mut vm = Vm::spawn(qemu, &spec(session, dir), None).unwrap();
+    vm.connect_qmp(QMP_BOUND).await.unwrap();
+    eprintln!("TIMING QEMU start to QMP ready: {:?}", t.elapsed());
+    vm
+}
+
+#[tokio::test]
+async fn qmp_negotiates_answers_and_quits() {
+    let Some(qemu) = qemu() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = started(&qemu, "qmpquit", dir.path()).await;
+    let status = vm.qmp().unwrap().query_status().await.unwrap();
+    assert!(status.running, "{status:?}");
+    assert_eq!(status.state, "running");
+
+    let pid = vm.pid();
+    let t = Instant::now();
+    let how = vm.destroy(Duration::from_secs(5)).await.unwrap();
+    eprintln!("TIMING destroy by quit: {:?}", t.elapsed());
+    assert_eq!(how, Stopped::Exited);
+    assert_eq!(vm.exit_status().unwrap().code(), Some(0));
+    assert!(!alive(pid));
+    // Idempotent.
+    assert_eq!(
+        vm.destroy(Duration::from_secs(1)).await.unwrap(),
+        Stopped::AlreadyGone
+    );
+    vm.kill().await.unwrap();
+    assert!(
+        std::fs::read_to_string(dir.path().join("qemu.log")).is_ok(),
+        "QEMU's output goes to qemu.log"
+    );
+}
+
+#[tokio::test]
+async fn events_report_a_stop_and_the_exit() {
+    let Some(qemu) = qemu() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = started(&qemu, "events", dir.path()).await;
+    let pid = vm.pid();
+    // Shutdown event then exit, from a quit.
+    vm.qmp().unwrap().quit().await.unwrap();
+    let mut seen = Vec::new();
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(10), vm.next_event())
+            .await
+            .expect("events keep coming until exit");
+        let done = matches!(event, zerolease::vm::VmEvent::Exited { .. });
+        seen.push(event);
+        if done {
+            break;
+        }
+    }
+    assert!(
+        seen.contains(&zerolease::vm::VmEvent::Shutdown {
+            guest: false,
+            reason: "host-qmp-quit".into()
+        }),
+        "{seen:?}"
+    );
+    assert!(!alive(pid));
+}
+
+#[tokio::test]
+async fn ignored_powerdown_escalates_to_sigkill() {
+    let Some(qemu) = qemu() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = started(&qemu, "powerdown", dir.path()).await;
+    let pid = vm.pid();
+    // Firmware alone does not act on the ACPI power button.
+    let t = Instant::now();
+    let how = vm
+        .shutdown(StopRequest::Powerdown, Duration::from_secs(1))
+        .await
+        .unwrap();
+    eprintln!(
+        "TIMING destroy with ignored powerdown (grace 1s): {:?}",
+        t.elapsed()
+    );
+    assert_eq!(how, Stopped::Killed);
+    assert!(!alive(pid));
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(vm.exit_status().unwrap().signal(), Some(9));
+}
+
+#[tokio::test]
+async fn destroy_of_a_frozen_qemu_kills_it() {
+    let Some(qemu) = qemu() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = started(&qemu, "frozen", dir.path()).await;
+    let pid = vm.pid();
+    // A stopped QEMU cannot answer `quit`.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    let t = Instant::now();
+    let how = vm.destroy(Duration::from_secs(1)).await.unwrap();
+    eprintln!(
+        "TIMING destroy of a frozen QEMU (grace 1s): {:?}",
+        t.elapsed()
+    );
+    assert_eq!(how, Stopped::Killed);
+    assert!(!alive(pid));
+}
+
+#[tokio::test]
+async fn dropping_a_vm_kills_it() {
+    let Some(qemu) = qemu() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let vm = started(&qemu, "dropped", dir.path()).await;
+    let pid = vm.pid();
+    drop(vm);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(pid) {
+        assert!(Instant::now() < deadline, "QEMU {pid} outlived its Vm");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The hello never comes from firmware: the watchdog gives up with the
+/// message a user can act on, and leaves no QEMU behind.
+#[tokio::test]
+async fn watchdog_times_out_with_a_clear_message() {
+    let Some(qemu) = qemu() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut booter = QemuBooter {
+        qemu,
+        spec: spec("nohello", dir.path()),
+        tap: None,
+        qmp_bound: QMP_BOUND,
+        discard_grace: Duration::from_secs(2),
+    };
+    let t = Instant::now();
+    let err = boot_with_fallback(&mut booter, &[AccelKind::Tcg], Duration::from_secs(2))
+        .await
+        .unwrap_err();
+    eprintln!("TIMING watchdog with a 2s bound: {:?}", t.elapsed());
+    assert!(matches!(err, BootError::NoHello { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "the guest did not say hello within 2s under TCG; see the console log at {}",
+            dir.path().join("console.log").display()
+        )
+    );
+    assert!(
+        marked_pids("nohello").is_empty(),
+        "the failed attempt left a QEMU"
+    );
+}
+
+fn marked_pids(session: &str) -> Vec<u32> {
+    let marker = format!("zl-{session},process=zl-{session}");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == marker.as_bytes()))
+        })
+        .collect()
+}
+
+/// The tap stand-in (a pipe) arrives at its fixed number, and no variable
+/// of the supervisor reaches QEMU.
+#[tokio::test]
+async fn child_gets_the_descriptor_and_a_clean_environment() {
+    let Some(qemu) = qemu() else { return };
+    const CANARY: &str = "canary-master-key-5e1f0c";
+    // SAFETY: no other code in this test binary reads or writes this
+    // variable; std's environment accessors (used by `Command` when it
+    // builds a child's environment) take the environment lock.
+    unsafe { std::env::set_var("ZEROLEASE_MASTER_KEY", CANARY) };
+    let dir = tempfile::tempdir().unwrap();
+    let (read_end, write_end): (OwnedFd, OwnedFd) = nix::unistd::pipe().unwrap();
+    let our_pipe = std::fs::read_link(format!("/proc/self/fd/{}", write_end.as_raw_fd())).unwrap();
+    const TARGET: i32 = 7;
+    let args: Vec<OsString> = argv::build_argv(&spec("fdpass", dir.path())).unwrap();
+    let mut vm = process::spawn_qemu(
+        &qemu,
+        args,
+        &JailId::parse("fdpass").unwrap(),
+        dir.path(),
+        vec![(read_end, TARGET)],
+    )
+    .unwrap();
+    vm.connect_qmp(QMP_BOUND).await.unwrap();
+    let pid = vm.pid();
+
+    let theirs = std::fs::read_link(format!("/proc/{pid}/fd/{TARGET}")).unwrap();
+    assert_eq!(theirs, our_pipe, "fd {TARGET} in QEMU is our pipe");
+
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    assert!(
+        !environ
+            .windows(CANARY.len())
+            .any(|w| w == CANARY.as_bytes()),
+        "the canary reached QEMU's environment"
+    );
+    assert_eq!(
+        environ, b"LC_ALL=C\0",
+        "QEMU's environment is exactly LC_ALL=C"
+    );
+
+    vm.destroy(Duration::from_secs(5)).await.unwrap();
+    drop(write_end);
+}
+
+/// A pid whose command line lacks the session's marker is never killed.
+#[tokio::test]
+async fn for_existing_refuses_a_stranger() {
+    let mut stranger = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
+    let record = VmRecord {
+        session: JailId::parse("stranger").unwrap(),
+        pid: stranger.id(),
+        runtime_dir: "/nonexistent".into(),
+    };
+    let err = Vm::for_existing(record).unwrap_err();
+    assert!(matches!(err, VmError::NotOurs { .. }), "{err}");
+    assert!(alive(stranger.id()), "the stranger was killed");
+    stranger.kill().unwrap();
+    stranger.wait().unwrap();
+
+    // A pid that is gone gives a handle whose kill does nothing.
+    let gone = VmRecord {
+        session: JailId::parse("gone").unwrap(),
+        pid: stranger.id(),
+        runtime_dir: "/nonexistent".into(),
+    };
+    let mut vm = Vm::for_existing(gone).unwrap();
+    vm.kill().await.unwrap();
+}
+
+/// A record of a live QEMU rebuilds a handle that kills it; the marker of
+/// another session does not match.
+#[tokio::test]
+async fn for_existing_kills_its_own_qemu() {
+    let Some(qemu) = qemu() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut owned = started(&qemu, "adopted", dir.path()).await;
+    let record = owned.record();
+
+    let mut wrong = record.clone();
+    wrong.session = JailId::parse("other").unwrap();
+    assert!(matches!(
+        Vm::for_existing(wrong),
+        Err(VmError::NotOurs { .. })
+    ));
+
+    let mut adopted = Vm::for_existing(record).unwrap();
+    adopted.kill().await.unwrap();
+    adopted.kill().await.unwrap();
+    // The zombie is ours to collect.
+    assert_eq!(
+        owned.destroy(Duration::from_secs(1)).await.unwrap(),
+        Stopped::AlreadyGone
+    );
+    assert!(!alive(owned.pid()));
+}
+
+/// `reap_leftovers` kills a marked QEMU under its root whose session is not
+/// live, and leaves the live one and one under another root alone.
+#[tokio::test]
+async fn reap_leftovers_kills_only_orphans_under_its_root() {
+    let Some(qemu) = qemu() else { return };
+    let root = tempfile::tempdir().unwrap();
+    let other_root = tempfile::tempdir().unwrap();
+    let mk = |parent: &Path, name: &str| {
+        let dir = parent.join(name);
+        std::fs::create_dir(&dir).unwrap();
+        dir
+    };
+    // Started without a `Vm`, as a crashed supervisor would leave it.
+    let raw = |dir: &Path, session: &str| {
+        std::process::Command::new(&qemu)
+            .args(argv::build_argv(&spec(session, dir)).unwrap())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut orphan = raw(&mk(root.path(), "orphan1"), "orphan1");
+    let mut elsewhere = raw(&mk(other_root.path(), "orphan2"), "orphan2");
+    let live_dir = mk(root.path(), "live1");
+    let mut live = started(&qemu, "live1", &live_dir).await;
+    // Let the raw ones get going (their argv is in place from exec on).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let reaped = reap_leftovers(root.path(), &[JailId::parse("live1").unwrap()])
+        .await
+        .unwrap();
+    assert_eq!(reaped.len(), 1, "{reaped:?}");
+    assert_eq!(reaped[0].session.as_str(), "orphan1");
+    assert_eq!(reaped[0].pid, orphan.id());
+    let status = orphan.wait().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(9));
+
+    assert!(alive(elsewhere.id()), "a QEMU of another root was reaped");
+    assert!(
+        live.qmp().unwrap().query_status().await.is_ok(),
+        "the live VM was reaped"
+    );
+
+    elsewhere.kill().unwrap();
+    elsewhere.wait().unwrap();
+    live.destroy(Duration::from_secs(5)).await.unwrap();
+}
