@@ -145,6 +145,11 @@ pub fn find_qemu() -> Result<PathBuf, SpawnError> {
     find_on_path("qemu-system-x86_64")
 }
 
+/// Finds `qemu-img` on PATH.
+pub fn find_qemu_img() -> Result<PathBuf, SpawnError> {
+    find_on_path("qemu-img")
+}
+
 pub(crate) fn find_on_path(program: &str) -> Result<PathBuf, SpawnError> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)

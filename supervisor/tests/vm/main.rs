@@ -9,8 +9,11 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use std::net::Ipv4Addr;
 use zerolease::jail::JailId;
-use zerolease::vm::argv::{self, AccelKind, Machine, VmSpec};
+
+use zerolease::vm::argv::{self, AccelKind, Mac, Machine, NetSpec, VmSpec};
+use zerolease::vm::overlay::{Overlay, OverlayError};
 use zerolease::vm::process::{self, StopRequest, Stopped, VmError, VmRecord};
 use zerolease::vm::watchdog::{BootError, QemuBooter, boot_with_fallback};
 use zerolease::vm::{Vm, reap_leftovers};
@@ -270,6 +273,14 @@ async fn for_existing_refuses_a_stranger() {
         .arg("60")
         .spawn()
         .unwrap();
+    // Past the `execve` window in which the command line reads empty.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !std::fs::read(format!("/proc/{}/cmdline", stranger.id()))
+        .is_ok_and(|c| c.starts_with(b"sleep"))
+    {
+        assert!(Instant::now() < deadline, "sleep did not start");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let record = VmRecord {
         session: JailId::parse("stranger").unwrap(),
         pid: stranger.id(),
@@ -277,7 +288,11 @@ async fn for_existing_refuses_a_stranger() {
     };
     let err = Vm::for_existing(record).unwrap_err();
     assert!(matches!(err, VmError::NotOurs { .. }), "{err}");
-    assert!(alive(stranger.id()), "the stranger was killed");
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(
+        stranger.try_wait().unwrap().is_none(),
+        "the stranger was killed"
+    );
     stranger.kill().unwrap();
     stranger.wait().unwrap();
 
@@ -365,4 +380,139 @@ async fn reap_leftovers_kills_only_orphans_under_its_root() {
     elsewhere.kill().unwrap();
     elsewhere.wait().unwrap();
     live.destroy(Duration::from_secs(5)).await.unwrap();
+}
+
+/// The overlay is a qcow2 file backed by the base, and goes away on
+/// destroy (idempotent) or drop.
+#[tokio::test]
+async fn overlay_over_a_read_only_base() {
+    let Some(_) = qemu() else { return };
+    let qemu_img = match process::find_qemu_img() {
+        Ok(path) => path,
+        Err(err) => {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("CI=true and {err}");
+            }
+            eprintln!("SKIPPED: {err}");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    let out = std::process::Command::new(&qemu_img)
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&base)
+        .arg("16M")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let path = dir.path().join("overlay.qcow2");
+
+    let mut overlay = Overlay::create(&base, &path).await.unwrap();
+    let info = std::process::Command::new(&qemu_img)
+        .args(["info", "--output=json"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["format"], "qcow2");
+    assert_eq!(info["backing-filename"], base.to_str().unwrap());
+    overlay.destroy().unwrap();
+    assert!(!path.exists());
+    overlay.destroy().unwrap();
+
+    // Drop removes too, and a leftover at the path is replaced.
+    std::fs::write(&path, b"leftover").unwrap();
+    let overlay = Overlay::create(&base, &path).await.unwrap();
+    assert!(path.exists());
+    drop(overlay);
+    assert!(!path.exists());
+
+    let err = Overlay::create(&dir.path().join("missing"), &path)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, OverlayError::NoBase(_)), "{err}");
+}
+
+mod tap {
+    //! A real tap, made in a network namespace of this test's own, handed
+    //! to QEMU as a descriptor.
+    use std::fs::OpenOptions;
+    use std::os::fd::OwnedFd;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    use nix::libc;
+
+    nix::ioctl_write_ptr_bad!(
+        tunsetiff,
+        nix::request_code_write!(b'T', 202, size_of::<libc::c_int>()),
+        libc::ifreq
+    );
+
+    /// Opens a fresh (non-persistent) tap `name` in a new network namespace
+    /// that lives as long as the descriptor. Runs on its own thread, since
+    /// namespace membership is per thread.
+    pub fn in_private_netns(name: &'static str) -> OwnedFd {
+        std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare netns");
+            let tun = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_CLOEXEC)
+                .open("/dev/net/tun")
+                .expect("open /dev/net/tun");
+            // SAFETY: `ifreq` is plain C data; all-zero bytes are valid.
+            let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+            for (dst, src) in request.ifr_name.iter_mut().zip(name.bytes()) {
+                *dst = src as libc::c_char;
+            }
+            request.ifr_ifru.ifru_flags =
+                (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+            // SAFETY: TUNSETIFF reads an `ifreq` from a valid pointer to one
+            // that lives across the call, on a descriptor we own.
+            unsafe { tunsetiff(std::os::fd::AsRawFd::as_raw_fd(&tun), &request) }
+                .expect("TUNSETIFF");
+            OwnedFd::from(tun)
+        })
+        .join()
+        .expect("the tap thread")
+    }
+}
+
+/// QEMU takes a real tap as `-netdev tap,fd=N` without any privilege of its
+/// own: if the descriptor were wrong QEMU would refuse to start.
+#[tokio::test]
+async fn qemu_accepts_the_tap_descriptor() {
+    let Some(qemu) = qemu() else { return };
+    if !nix::unistd::geteuid().is_root() || !Path::new("/dev/net/tun").exists() {
+        let reason = "this test needs root and /dev/net/tun";
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("CI=true and {reason}");
+        }
+        eprintln!("SKIPPED: {reason}");
+        return;
+    }
+    let tap = tap::in_private_netns("zl-taptest");
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = spec("taptest", dir.path());
+    spec.net = Some(NetSpec {
+        fd: 3,
+        mac: Mac::for_session(&spec.session),
+        guest_ip: Ipv4Addr::new(10, 77, 0, 2),
+        host_ip: Ipv4Addr::new(10, 77, 0, 1),
+    });
+    let mut vm = Vm::spawn(&qemu, &spec, Some(tap)).unwrap();
+    let connected = vm.connect_qmp(QMP_BOUND).await.map(|_| ());
+    let log = std::fs::read_to_string(vm.qemu_log()).unwrap_or_default();
+    connected.unwrap_or_else(|e| panic!("QEMU did not come up with the tap: {e}; log: {log}"));
+    let status = vm.qmp().unwrap().query_status().await.unwrap();
+    assert!(status.running);
+    let fd3 = std::fs::read_link(format!("/proc/{}/fd/3", vm.pid())).unwrap();
+    assert_eq!(fd3, Path::new("/dev/net/tun"));
+    // A spec with a network refuses to start without its tap.
+    assert!(matches!(
+        Vm::spawn(&qemu, &spec, None),
+        Err(zerolease::vm::SpawnError::TapMismatch)
+    ));
+    vm.destroy(Duration::from_secs(5)).await.unwrap();
 }
