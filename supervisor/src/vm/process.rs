@@ -23,7 +23,6 @@ use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
@@ -264,8 +263,14 @@ impl Vm {
     /// [`VmEvent::Exited`] once QEMU is gone (then again on every call).
     pub async fn next_event(&mut self) -> VmEvent {
         loop {
-            if let Some(status) = self.exit {
-                return VmEvent::exited(status);
+            if self.gone {
+                return self.exit.map_or(
+                    VmEvent::Exited {
+                        code: None,
+                        signal: None,
+                    },
+                    VmEvent::exited,
+                );
             }
             let Some(child) = self.child.as_mut() else {
                 // Adopted processes have no event stream worth reading.
@@ -292,7 +297,7 @@ impl Vm {
             match event {
                 Some(event) => return event,
                 // QMP closed: QEMU is exiting; the next turn waits for it.
-                None if self.exit.is_none() => self.qmp = None,
+                None if !self.gone => self.qmp = None,
                 None => {}
             }
         }
@@ -301,8 +306,7 @@ impl Vm {
     fn note_exit(&mut self, status: io::Result<ExitStatus>) {
         // A wait error means the child is no longer ours to wait for; treat
         // it as gone with an unknown status.
-        let status = status.unwrap_or_else(|_| ExitStatus::from_raw(0));
-        self.exit = Some(status);
+        self.exit = status.ok();
         self.gone = true;
     }
 
@@ -455,32 +459,37 @@ pub fn spawn_qemu(
 
     // Computed before fork: the hook below must not allocate.
     let moves: Vec<(RawFd, RawFd)> = fds.iter().map(|(fd, n)| (fd.as_raw_fd(), *n)).collect();
-    if !moves.is_empty() {
-        // SAFETY: the closure runs in the child between fork and exec, where
-        // only async-signal-safe functions may be called and nothing may be
-        // allocated. It only reads `moves` (allocated before the fork) and
-        // calls `dup2` and `fcntl`, both async-signal-safe. `dup2` clears
-        // FD_CLOEXEC on the new descriptor; when the descriptor is already
-        // at its number, `fcntl` clears the flag instead. Sources are
-        // distinct from targets of earlier moves unless equal to them,
-        // which the first branch handles.
-        unsafe {
-            command.pre_exec(move || {
-                for &(from, to) in &moves {
-                    if from == to {
-                        let flags = libc::fcntl(from, libc::F_GETFD);
-                        if flags < 0
-                            || libc::fcntl(from, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0
-                        {
-                            return Err(io::Error::last_os_error());
-                        }
-                    } else if libc::dup2(from, to) < 0 {
+    // SAFETY: the closure runs in the child between fork and exec, where only
+    // async-signal-safe functions may be called and nothing may be
+    // allocated. It only reads `moves` (allocated before the fork) and makes
+    // raw `close_range`, `dup2` and `fcntl` calls, all async-signal-safe
+    // system calls.
+    unsafe {
+        command.pre_exec(move || {
+            // Every descriptor above stderr is closed on exec — including
+            // any that the supervisor inherited without FD_CLOEXEC — except
+            // those moved below, since `dup2` clears the flag on its target.
+            // Best effort: kernels before 5.11 lack the flag, and Rust opens
+            // everything close-on-exec anyway.
+            libc::syscall(
+                libc::SYS_close_range,
+                3 as libc::c_uint,
+                libc::c_uint::MAX,
+                libc::CLOSE_RANGE_CLOEXEC as libc::c_uint,
+            );
+            for &(from, to) in &moves {
+                if from == to {
+                    let flags = libc::fcntl(from, libc::F_GETFD);
+                    if flags < 0 || libc::fcntl(from, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0
+                    {
                         return Err(io::Error::last_os_error());
                     }
+                } else if libc::dup2(from, to) < 0 {
+                    return Err(io::Error::last_os_error());
                 }
-                Ok(())
-            });
-        }
+            }
+            Ok(())
+        });
     }
 
     let child = command.spawn().map_err(|source| SpawnError::Spawn {

@@ -170,7 +170,17 @@ impl Qmp {
         let (tx, events) = mpsc::channel(EVENT_BUFFER);
         let reader = tokio::spawn(async move {
             while let Some(item) = raw_events.next().await {
-                let Ok(event) = item else { break };
+                let event = match item {
+                    Ok(event) => event,
+                    Err(err) => {
+                        // The codec stops after an undecodable line (for
+                        // instance an event newer than the `qapi` schema);
+                        // events end here, commands then fail and teardown
+                        // falls back to SIGKILL.
+                        tracing::warn!(error = %err, "QMP stream ended on a decode error");
+                        break;
+                    }
+                };
                 let event = VmEvent::from_qmp(&event);
                 tracing::debug!(?event, "QMP event");
                 match tx.try_send(event) {

@@ -235,6 +235,15 @@ async fn child_gets_the_descriptor_and_a_clean_environment() {
     let (read_end, write_end): (OwnedFd, OwnedFd) = nix::unistd::pipe().unwrap();
     let our_pipe = std::fs::read_link(format!("/proc/self/fd/{}", write_end.as_raw_fd())).unwrap();
     const TARGET: i32 = 7;
+    // A descriptor without FD_CLOEXEC, as a careless parent might leave one.
+    let leaky = nix::unistd::dup(&write_end).unwrap();
+    let leaky_fd = leaky.as_raw_fd();
+    let flags = nix::fcntl::fcntl(&leaky, nix::fcntl::FcntlArg::F_GETFD).unwrap();
+    assert_eq!(
+        flags & nix::libc::FD_CLOEXEC,
+        0,
+        "the stand-in leaks on exec"
+    );
     let args: Vec<OsString> = argv::build_argv(&spec("fdpass", dir.path())).unwrap();
     let mut vm = process::spawn_qemu(
         &qemu,
@@ -249,6 +258,23 @@ async fn child_gets_the_descriptor_and_a_clean_environment() {
 
     let theirs = std::fs::read_link(format!("/proc/{pid}/fd/{TARGET}")).unwrap();
     assert_eq!(theirs, our_pipe, "fd {TARGET} in QEMU is our pipe");
+
+    let open: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    let pipes_in_qemu = open
+        .iter()
+        .filter(|fd| {
+            std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).is_ok_and(|l| l == our_pipe)
+        })
+        .count();
+    assert_eq!(
+        pipes_in_qemu, 1,
+        "only fd {TARGET} is our pipe in QEMU (leaky fd {leaky_fd} must not be inherited)"
+    );
+    drop(leaky);
 
     let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
     assert!(
