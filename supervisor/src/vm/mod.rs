@@ -23,4 +23,6 @@ pub use argv::{AccelKind, ArgvError, DirectBoot, Mac, Machine, NetSpec, VmSpec, 
 pub use overlay::{Overlay, OverlayError};
 pub use process::{SpawnError, Vm, VmError, VmRecord, reap_leftovers};
 pub use qmp::{Qmp, QmpError, VmEvent};
-pub use watchdog::{Accel, BootError, accel_attempts, boot_with_fallback, wait_for_hello};
+pub use watchdog::{
+    Accel, BootError, Booted, Hello, accel_attempts, boot, boot_with_fallback, wait_for_hello,
+};

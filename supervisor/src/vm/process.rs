@@ -250,8 +250,33 @@ impl Vm {
     /// creates it) and negotiates capabilities. Events are then available
     /// from [`Vm::next_event`].
     pub async fn connect_qmp(&mut self, bound: Duration) -> Result<&Qmp, QmpError> {
-        let qmp = Qmp::connect(&self.qmp_socket(), bound).await?;
-        Ok(self.qmp.insert(qmp))
+        let path = self.qmp_socket();
+        let connect = Qmp::connect(&path, bound);
+        let outcome = match self.child.as_mut() {
+            // Stop waiting as soon as QEMU dies (a refused accelerator, a bad
+            // option): its log says why.
+            Some(child) => tokio::select! {
+                qmp = connect => Ok(qmp),
+                status = child.wait() => Err(status),
+            },
+            None => Ok(connect.await),
+        };
+        match outcome {
+            Ok(qmp) => Ok(self.qmp.insert(qmp?)),
+            Err(status) => {
+                self.note_exit(status);
+                Err(QmpError::QemuExited {
+                    event: self.exit.map_or(
+                        VmEvent::Exited {
+                            code: None,
+                            signal: None,
+                        },
+                        VmEvent::exited,
+                    ),
+                    log: self.qemu_log(),
+                })
+            }
+        }
     }
 
     /// The QMP connection, once [`Vm::connect_qmp`] succeeded.

@@ -109,6 +109,8 @@ pub enum QmpError {
         #[source]
         source: qapi::ExecuteError,
     },
+    #[error("QEMU exited ({event:?}) before its monitor came up; see {}", log.display())]
+    QemuExited { event: VmEvent, log: PathBuf },
     #[error("the QMP command `{command}` got no answer within {COMMAND_TIMEOUT:?}")]
     Timeout { command: &'static str },
 }

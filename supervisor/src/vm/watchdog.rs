@@ -27,7 +27,8 @@ use super::process::{SpawnError, Vm};
 use super::qmp::{QmpError, VmEvent};
 
 /// The accelerator the user asked for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Accel {
     /// KVM when `/dev/kvm` is usable and the guest says hello under it,
     /// TCG otherwise.
@@ -35,6 +36,20 @@ pub enum Accel {
     Auto,
     Kvm,
     Tcg,
+}
+
+impl std::str::FromStr for Accel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "kvm" => Ok(Self::Kvm),
+            "tcg" => Ok(Self::Tcg),
+            other => Err(format!(
+                "unknown accelerator `{other}`; use auto, kvm or tcg"
+            )),
+        }
+    }
 }
 
 /// The accelerators to try, in order. Pure: `kvm_usable` is whether
@@ -292,6 +307,26 @@ pub async fn boot_with_fallback<B: Booter>(
     Err(last)
 }
 
+/// Boots `spec` with the accelerators `accel` allows on this host, waiting
+/// up to `hello_bound` for the hello under each. What the session calls.
+pub async fn boot(
+    qemu: PathBuf,
+    spec: VmSpec,
+    tap: Option<OwnedFd>,
+    accel: Accel,
+    hello_bound: Duration,
+) -> Result<Booted<Vm>, BootError> {
+    let attempts = accel_attempts(accel, kvm_usable());
+    let mut booter = QemuBooter {
+        qemu,
+        spec,
+        tap,
+        qmp_bound: Duration::from_secs(10),
+        discard_grace: Duration::from_secs(2),
+    };
+    boot_with_fallback(&mut booter, &attempts, hello_bound).await
+}
+
 /// The real [`Booter`]: spawns QEMU from a spec (its `accel` is replaced per
 /// attempt), connects QMP, and waits for the hello on the control socket
 /// while watching for QEMU's exit.
@@ -359,6 +394,16 @@ impl Booter for QemuBooter {
 mod tests {
     use super::*;
     use std::collections::VecDeque;
+
+    #[test]
+    fn accel_parses() {
+        assert_eq!("auto".parse(), Ok(Accel::Auto));
+        assert_eq!("kvm".parse(), Ok(Accel::Kvm));
+        assert_eq!("tcg".parse(), Ok(Accel::Tcg));
+        for bad in ["", "KVM", "hvf", "tcg "] {
+            assert!(bad.parse::<Accel>().is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn attempts_table() {

@@ -542,3 +542,33 @@ async fn qemu_accepts_the_tap_descriptor() {
     ));
     vm.destroy(Duration::from_secs(5)).await.unwrap();
 }
+
+/// `auto` on this host: KVM first when /dev/kvm opens (QEMU dies or the
+/// firmware stays silent there), then TCG, which also stays silent; the
+/// error names TCG and the console log, and no QEMU is left.
+#[tokio::test]
+async fn auto_falls_back_to_tcg_and_reports_it() {
+    let Some(qemu) = qemu() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let t = Instant::now();
+    let err = zerolease::vm::boot(
+        qemu,
+        spec("autoboot", dir.path()),
+        None,
+        zerolease::vm::Accel::Auto,
+        Duration::from_secs(2),
+    )
+    .await
+    .unwrap_err();
+    eprintln!(
+        "TIMING auto boot (kvm usable: {}) to failure: {:?}",
+        zerolease::vm::watchdog::kvm_usable(),
+        t.elapsed()
+    );
+    assert!(
+        err.to_string()
+            .starts_with("the guest did not say hello within 2s under TCG"),
+        "{err}"
+    );
+    assert!(marked_pids("autoboot").is_empty(), "an attempt left a QEMU");
+}
