@@ -70,6 +70,23 @@ pub enum SpawnError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "the runtime directory {path} is not private (mode {mode:o}, owner uid {uid}); \
+         QEMU's control and QMP sockets must be reachable by this user only — \
+         use a directory of mode 0700 owned by uid {me}"
+    )]
+    RuntimeDirNotPrivate {
+        path: PathBuf,
+        mode: u32,
+        uid: u32,
+        me: u32,
+    },
+    #[error("cannot inspect the runtime directory {path}")]
+    RuntimeDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot find `{0}` on PATH; install qemu-system-x86 (scripts/setup does)")]
     NotFound(String),
 }
@@ -454,6 +471,7 @@ pub fn spawn_qemu(
     runtime_dir: &Path,
     fds: Vec<(OwnedFd, RawFd)>,
 ) -> Result<Vm, SpawnError> {
+    check_private(runtime_dir)?;
     let log_path = runtime_dir.join(argv::QEMU_LOG);
     let log = OpenOptions::new()
         .create(true)
@@ -534,6 +552,28 @@ pub fn spawn_qemu(
         exit: None,
         gone: false,
     })
+}
+
+/// Whoever can connect to the control socket first owns the guest's
+/// channel, and whoever can reach QMP owns the VM: the directory holding
+/// them must be this user's alone.
+fn check_private(dir: &Path) -> Result<(), SpawnError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(dir).map_err(|source| SpawnError::RuntimeDir {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let me = nix::unistd::geteuid().as_raw();
+    let mode = meta.mode() & 0o7777;
+    if !meta.is_dir() || meta.uid() != me || mode & 0o077 != 0 {
+        return Err(SpawnError::RuntimeDirNotPrivate {
+            path: dir.to_owned(),
+            mode,
+            uid: meta.uid(),
+            me,
+        });
+    }
+    Ok(())
 }
 
 /// Kills the adopted process `pid` if, and only if, it carries `session`'s

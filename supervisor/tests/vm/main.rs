@@ -48,6 +48,18 @@ fn spec(session: &str, dir: &Path) -> VmSpec {
     }
 }
 
+/// A temporary directory of mode 0700, as a session's runtime dir is.
+fn private_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    make_private(dir.path());
+    dir
+}
+
+fn make_private(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+}
+
 fn alive(pid: u32) -> bool {
     // A zombie keeps its /proc entry but has no command line.
     std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
@@ -64,7 +76,7 @@ async fn started(qemu: &Path, session: &str, dir: &Path) -> Vm {
 #[tokio::test]
 async fn qmp_negotiates_answers_and_quits() {
     let Some(qemu) = qemu() else { return };
-    let dir = tempfile::tempdir().unwrap();
+    let dir = private_dir();
     let mut vm = started(&qemu, "qmpquit", dir.path()).await;
     let status = vm.qmp().unwrap().query_status().await.unwrap();
     assert!(status.running, "{status:?}");
@@ -92,7 +104,7 @@ async fn qmp_negotiates_answers_and_quits() {
 #[tokio::test]
 async fn events_report_a_stop_and_the_exit() {
     let Some(qemu) = qemu() else { return };
-    let dir = tempfile::tempdir().unwrap();
+    let dir = private_dir();
     let mut vm = started(&qemu, "events", dir.path()).await;
     let pid = vm.pid();
     // Shutdown event then exit, from a quit.
@@ -121,7 +133,7 @@ async fn events_report_a_stop_and_the_exit() {
 #[tokio::test]
 async fn ignored_powerdown_escalates_to_sigkill() {
     let Some(qemu) = qemu() else { return };
-    let dir = tempfile::tempdir().unwrap();
+    let dir = private_dir();
     let mut vm = started(&qemu, "powerdown", dir.path()).await;
     let pid = vm.pid();
     // Firmware alone does not act on the ACPI power button.
@@ -143,7 +155,7 @@ async fn ignored_powerdown_escalates_to_sigkill() {
 #[tokio::test]
 async fn destroy_of_a_frozen_qemu_kills_it() {
     let Some(qemu) = qemu() else { return };
-    let dir = tempfile::tempdir().unwrap();
+    let dir = private_dir();
     let mut vm = started(&qemu, "frozen", dir.path()).await;
     let pid = vm.pid();
     // A stopped QEMU cannot answer `quit`.
@@ -165,7 +177,7 @@ async fn destroy_of_a_frozen_qemu_kills_it() {
 #[tokio::test]
 async fn dropping_a_vm_kills_it() {
     let Some(qemu) = qemu() else { return };
-    let dir = tempfile::tempdir().unwrap();
+    let dir = private_dir();
     let vm = started(&qemu, "dropped", dir.path()).await;
     let pid = vm.pid();
     drop(vm);
@@ -181,7 +193,7 @@ async fn dropping_a_vm_kills_it() {
 #[tokio::test]
 async fn watchdog_times_out_with_a_clear_message() {
     let Some(qemu) = qemu() else { return };
-    let dir = tempfile::tempdir().unwrap();
+    let dir = private_dir();
     let mut booter = QemuBooter {
         qemu,
         spec: spec("nohello", dir.path()),
@@ -231,7 +243,7 @@ async fn child_gets_the_descriptor_and_a_clean_environment() {
     // variable; std's environment accessors (used by `Command` when it
     // builds a child's environment) take the environment lock.
     unsafe { std::env::set_var("ZEROLEASE_MASTER_KEY", CANARY) };
-    let dir = tempfile::tempdir().unwrap();
+    let dir = private_dir();
     let (read_end, write_end): (OwnedFd, OwnedFd) = nix::unistd::pipe().unwrap();
     let our_pipe = std::fs::read_link(format!("/proc/self/fd/{}", write_end.as_raw_fd())).unwrap();
     const TARGET: i32 = 7;
@@ -337,7 +349,7 @@ async fn for_existing_refuses_a_stranger() {
 #[tokio::test]
 async fn for_existing_kills_its_own_qemu() {
     let Some(qemu) = qemu() else { return };
-    let dir = tempfile::tempdir().unwrap();
+    let dir = private_dir();
     let mut owned = started(&qemu, "adopted", dir.path()).await;
     let record = owned.record();
 
@@ -364,11 +376,12 @@ async fn for_existing_kills_its_own_qemu() {
 #[tokio::test]
 async fn reap_leftovers_kills_only_orphans_under_its_root() {
     let Some(qemu) = qemu() else { return };
-    let root = tempfile::tempdir().unwrap();
-    let other_root = tempfile::tempdir().unwrap();
+    let root = private_dir();
+    let other_root = private_dir();
     let mk = |parent: &Path, name: &str| {
         let dir = parent.join(name);
         std::fs::create_dir(&dir).unwrap();
+        make_private(&dir);
         dir
     };
     // Started without a `Vm`, as a crashed supervisor would leave it.
@@ -423,7 +436,7 @@ async fn overlay_over_a_read_only_base() {
             return;
         }
     };
-    let dir = tempfile::tempdir().unwrap();
+    let dir = private_dir();
     let base = dir.path().join("base.qcow2");
     let out = std::process::Command::new(&qemu_img)
         .args(["create", "-q", "-f", "qcow2"])
@@ -519,7 +532,7 @@ async fn qemu_accepts_the_tap_descriptor() {
         return;
     }
     let tap = tap::in_private_netns("zl-taptest");
-    let dir = tempfile::tempdir().unwrap();
+    let dir = private_dir();
     let mut spec = spec("taptest", dir.path());
     spec.net = Some(NetSpec {
         fd: 3,
@@ -549,7 +562,7 @@ async fn qemu_accepts_the_tap_descriptor() {
 #[tokio::test]
 async fn auto_falls_back_to_tcg_and_reports_it() {
     let Some(qemu) = qemu() else { return };
-    let dir = tempfile::tempdir().unwrap();
+    let dir = private_dir();
     let t = Instant::now();
     let err = zerolease::vm::boot(
         qemu,
@@ -571,4 +584,25 @@ async fn auto_falls_back_to_tcg_and_reports_it() {
         "{err}"
     );
     assert!(marked_pids("autoboot").is_empty(), "an attempt left a QEMU");
+}
+
+/// QEMU's sockets live in a directory only this user can enter.
+#[tokio::test]
+async fn a_shared_runtime_dir_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(qemu) = qemu() else { return };
+    let dir = private_dir();
+    for mode in [0o755, 0o710, 0o701, 0o777] {
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+        let err = Vm::spawn(&qemu, &spec("shared", dir.path()), None).unwrap_err();
+        assert!(
+            matches!(err, zerolease::vm::SpawnError::RuntimeDirNotPrivate { .. }),
+            "{mode:o}: {err}"
+        );
+    }
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o700)).unwrap();
+    assert!(Vm::spawn(&qemu, &spec("notadir", &file), None).is_err());
+    assert!(marked_pids("shared").is_empty());
 }
