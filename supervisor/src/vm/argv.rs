@@ -567,4 +567,56 @@ mod tests {
             }
         }
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Whatever the paths, an accepted spec yields an argv in which
+            /// every option list has exactly the keys we wrote: a path never
+            /// adds a `,key=value` of its own, and nothing has a newline.
+            #[test]
+            fn paths_never_inject_options(
+                dir in "/[a-z,=\n\t ./-]{0,24}",
+                kernel in "/[a-z,=\n./-]{0,16}",
+                vcpus in 0u16..100,
+                memory in 0u32..5000,
+            ) {
+                let mut s = spec();
+                s.runtime_dir = dir.clone().into();
+                s.boot.as_mut().unwrap().kernel = kernel.clone().into();
+                s.vcpus = vcpus;
+                s.memory_mib = memory;
+                match build_argv(&s) {
+                    Ok(argv) => {
+                        prop_assert!(!dir.contains(',') && !kernel.contains(','));
+                        let argv = strings(&argv);
+                        for pair in argv.windows(2) {
+                            if matches!(pair[0], "-chardev" | "-qmp") {
+                                // socket,id,path,server,wait / file,id,path /
+                                // unix:path,server,wait
+                                let commas = pair[1].matches(',').count();
+                                prop_assert!(commas <= 4, "{}", pair[1]);
+                            }
+                        }
+                        prop_assert!(argv.iter().all(|a| !a.contains('\n')));
+                        prop_assert_eq!(value_of(&argv, "-name"), Some("zl-abc123,process=zl-abc123"));
+                        prop_assert_eq!(argv.iter().filter(|a| **a == "-name").count(), 1);
+                    }
+                    // Refused only for a reason the spec really has.
+                    Err(err) => prop_assert!(
+                        matches!(err, ArgvError::BadPath(_)) && (dir.contains(',')
+                            || kernel.contains(',')
+                            || dir.contains(char::is_control)
+                            || kernel.contains(char::is_control))
+                            || matches!(err, ArgvError::Vcpus(_)) && !(1..=MAX_VCPUS).contains(&vcpus)
+                            || matches!(err, ArgvError::Memory(_))
+                                && !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&memory),
+                        "{err:?}"
+                    ),
+                }
+            }
+        }
+    }
 }
