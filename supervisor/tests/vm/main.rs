@@ -606,3 +606,56 @@ async fn a_shared_runtime_dir_is_refused() {
     assert!(Vm::spawn(&qemu, &spec("notadir", &file), None).is_err());
     assert!(marked_pids("shared").is_empty());
 }
+
+/// A real guest says hello. Needs a kernel and an initramfs whose init
+/// writes a `Hello` frame to the control port, given by
+/// `ZEROLEASE_TEST_KERNEL` and `ZEROLEASE_TEST_INITRD` (the image recipes
+/// build the real ones; the e2e suite boots those). Without them the test
+/// has nothing to boot and says so.
+#[tokio::test]
+async fn a_real_guest_says_hello() {
+    let Some(qemu) = qemu() else { return };
+    let (Some(kernel), Some(initrd)) = (
+        std::env::var_os("ZEROLEASE_TEST_KERNEL"),
+        std::env::var_os("ZEROLEASE_TEST_INITRD"),
+    ) else {
+        eprintln!("NOT RUN: set ZEROLEASE_TEST_KERNEL and ZEROLEASE_TEST_INITRD to boot a guest");
+        return;
+    };
+    let dir = private_dir();
+    let mut spec = spec("hello", dir.path());
+    spec.memory_mib = 256;
+    spec.boot = Some(argv::DirectBoot {
+        kernel: kernel.into(),
+        initrd: Some(initrd.into()),
+    });
+    let t = Instant::now();
+    let booted = zerolease::vm::boot(
+        qemu,
+        spec,
+        None,
+        zerolease::vm::Accel::Auto,
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap_or_else(|e| {
+        let console = std::fs::read_to_string(dir.path().join("console.log")).unwrap_or_default();
+        panic!("{e}: {e:?}\n--- console ---\n{console}")
+    });
+    // On nested hosts like the development machines KVM is tried first and
+    // fails; the hello then comes under TCG.
+    eprintln!(
+        "TIMING QEMU start to guest hello (auto; kvm usable: {}; won: {}): {:?}",
+        zerolease::vm::watchdog::kvm_usable(),
+        booted.accel,
+        t.elapsed()
+    );
+    assert_eq!(booted.hello.agent_version, "initramfs-test");
+    let mut vm = booted.vm;
+    let t = Instant::now();
+    let how = vm.destroy(Duration::from_secs(5)).await.unwrap();
+    eprintln!(
+        "TIMING destroy of a booted guest: {:?} ({how:?})",
+        t.elapsed()
+    );
+}
