@@ -15,3 +15,4 @@ pub mod manifest;
 pub mod proxy;
 pub mod proxy_audit;
 pub mod vault;
+pub mod vm;
