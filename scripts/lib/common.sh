@@ -29,4 +29,10 @@ ensure_packages() {
 }
 
 # The Debian packages the test suite uses.
-TEST_PACKAGES=(ca-certificates file nftables iproute2 iputils-ping curl)
+TEST_PACKAGES=(ca-certificates file nftables iproute2 iputils-ping curl
+    qemu-system-x86 busybox-static cpio gzip kmod git)
+
+# qemu-img must come from the same QEMU as qemu-system-x86: on machines with
+# a newer qemu-utils from elsewhere, installing qemu-system-x86 removes it,
+# so it is checked (and installed from Debian) after the rest.
+LATE_TEST_PACKAGES=(qemu-utils)
