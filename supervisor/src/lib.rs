@@ -14,5 +14,6 @@ pub mod jail;
 pub mod manifest;
 pub mod proxy;
 pub mod proxy_audit;
+pub mod session;
 pub mod vault;
 pub mod vm;

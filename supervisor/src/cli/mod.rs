@@ -83,6 +83,24 @@ enum Command {
     /// Validate session manifests.
     #[command(subcommand)]
     Manifest(ManifestCmd),
+    /// Run a session: boot a disposable VM from the manifest's image, lease
+    /// its credentials, run the agent, tear everything down. Exits with the
+    /// agent's exit code.
+    Run {
+        manifest: PathBuf,
+        /// The agent the policy is checked for (default: the manifest's name).
+        #[arg(long)]
+        agent: Option<String>,
+        /// Where images live (default: images/out, or ZEROLEASE_IMAGES).
+        #[arg(long, env = "ZEROLEASE_IMAGES")]
+        images: Option<PathBuf>,
+        /// How long to wait for the guest agent's hello, per accelerator.
+        #[arg(long, default_value = "90s")]
+        hello_timeout: String,
+        /// Run this instead of the manifest's command.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -258,7 +276,7 @@ pub fn main(env_keys: EnvKeys) -> ExitCode {
     };
     init_logging(cli.verbose);
     match run(cli, env_keys) {
-        Ok(status) => status.into(),
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             e.downcast_ref::<VaultError>()
@@ -293,13 +311,13 @@ fn open_vault(cli: &Cli, env_keys: EnvKeys) -> anyhow::Result<Vault> {
 }
 
 /// Runs a parsed command line.
-pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitStatus> {
+pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitCode> {
     if let Command::Image(cmd) = &cli.command {
-        return image_cmd::run(cmd, cli.json);
+        return image_cmd::run(cmd, cli.json).map(Into::into);
     }
     let mut vault = open_vault(&cli, env_keys)?;
     let j = cli.json;
-    match cli.command {
+    let status = match cli.command {
         Command::Secret(cmd) => secret(&vault, cmd, j),
         Command::Policy(cmd) => policy(&vault, cmd, j),
         Command::Lease(cmd) => lease(&vault, cmd, j),
@@ -308,6 +326,23 @@ pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitStatus> {
             manifest_check(&vault, &file, agent, j)
         }
         Command::Image(cmd) => image_cmd::run(&cmd, j),
+        Command::Run {
+            manifest,
+            agent,
+            images,
+            hello_timeout,
+            command,
+        } => {
+            return run_session(
+                vault,
+                cli.home.clone(),
+                &manifest,
+                agent,
+                images,
+                &hello_timeout,
+                command,
+            );
+        }
         Command::Key(KeyCmd::Rotate { to }) => {
             let kind = vault.rotate_key(to)?;
             if j {
@@ -322,7 +357,8 @@ pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitStatus> {
             }
             Ok(ExitStatus::Success)
         }
-    }
+    };
+    status.map(Into::into)
 }
 
 fn parse_domains(items: &[String]) -> anyhow::Result<Vec<DomainPattern>> {
@@ -774,6 +810,58 @@ fn audit(vault: &Vault, cmd: AuditCmd, j: bool) -> anyhow::Result<ExitStatus> {
             } else {
                 ExitStatus::Integrity
             })
+        }
+    }
+}
+
+fn run_session(
+    vault: Vault,
+    home: Option<PathBuf>,
+    manifest_path: &std::path::Path,
+    agent: Option<String>,
+    images: Option<PathBuf>,
+    hello_timeout: &str,
+    command: Vec<String>,
+) -> anyhow::Result<ExitCode> {
+    let manifest = Manifest::load(manifest_path).map_err(|e| VaultError::Invalid(e.to_string()))?;
+    let config = crate::session::RunConfig {
+        home: StateDir::resolve(home)?,
+        images,
+        agent,
+        command: (!command.is_empty()).then_some(command),
+        hello_bound: parse_duration(hello_timeout).map_err(VaultError::Invalid)?,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let vault = Arc::new(vault);
+    let outcome = runtime.block_on(async {
+        let mut out = std::io::stdout();
+        let mut err = std::io::stderr();
+        crate::session::run(vault, manifest, config, &mut out, &mut err).await
+    });
+    // Let the proxy's tasks and audit writer finish before exiting.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    match outcome {
+        Ok(o) => {
+            let code = match (o.code, o.signal) {
+                (Some(c), _) => c,
+                (None, Some(s)) => 128 + s,
+                (None, None) => ExitStatus::SessionFailed as i32,
+            };
+            Ok(ExitCode::from(
+                u8::try_from(code.clamp(0, 255)).unwrap_or(255),
+            ))
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                eprintln!("  caused by: {s}");
+                source = s.source();
+            }
+            Ok(ExitStatus::SessionFailed.into())
         }
     }
 }

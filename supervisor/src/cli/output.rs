@@ -27,6 +27,9 @@ pub enum ExitStatus {
     Integrity = 6,
     /// The audit log could not be written, so the operation was refused.
     AuditUnavailable = 7,
+    /// `zerolease run` itself failed (boot, jail, proxy, provisioning); the
+    /// agent's own exit codes pass through unchanged otherwise.
+    SessionFailed = 125,
 }
 
 impl From<ExitStatus> for ExitCode {

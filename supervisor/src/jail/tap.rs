@@ -117,6 +117,25 @@ pub fn create_persistent_tap(name: &str, owner: Uid) -> Result<(), TapError> {
     Ok(())
 }
 
+/// Opens a queue of the existing persistent tap `name` (made by
+/// [`create_persistent_tap`]) and returns its descriptor, for QEMU's
+/// `-netdev tap,fd=N`. Needs no privilege beyond being the tap's owner.
+pub fn open_tap(name: &str) -> Result<std::os::fd::OwnedFd, TapError> {
+    let mut request = ifreq_for(name)?;
+    let tun = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(TUN_DEVICE)
+        .map_err(TapError::OpenTun)?;
+    tun_set_iff(&tun, &mut request).map_err(|source| TapError::Ioctl {
+        step: "TUNSETIFF (attach)",
+        name: name.to_owned(),
+        source,
+    })?;
+    Ok(std::os::fd::OwnedFd::from(tun))
+}
+
 fn ifreq_for(name: &str) -> Result<libc::ifreq, TapError> {
     let bad = || TapError::BadName {
         name: name.to_owned(),

@@ -49,6 +49,7 @@ pub enum AuditKind {
     TunnelOpened,
     TunnelClosed,
     ConnectionRefused,
+    SessionTransition,
 }
 
 impl AuditKind {
@@ -73,6 +74,7 @@ impl AuditKind {
             AuditKind::TunnelOpened => "tunnel_opened",
             AuditKind::TunnelClosed => "tunnel_closed",
             AuditKind::ConnectionRefused => "connection_refused",
+            AuditKind::SessionTransition => "session_transition",
         }
     }
 }

@@ -121,6 +121,14 @@ impl Lease {
         if !scope_matches(&self.domains, domain) {
             return Err(LeaseRefusal::DomainNotCovered(domain.clone()));
         }
+        self.check_use(now)
+    }
+
+    /// Checks a use that is not for one domain — the value handed to a
+    /// session's guest, which can only send it through the proxy to the
+    /// lease's domains — and returns the uses left afterwards.
+    pub fn check_use(&self, now: Timestamp) -> Result<Option<u32>, LeaseRefusal> {
+        self.require_active(now)?;
         Ok(self.uses_left.map(|n| n - 1))
     }
 

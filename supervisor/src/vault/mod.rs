@@ -864,26 +864,49 @@ impl Vault {
     /// Uses a lease for `domain`: checks it, counts the use, records it, and
     /// only then returns the secret's current value.
     pub fn access(&self, lease_id: &str, domain: &HostName) -> Result<SecretValue, VaultError> {
+        self.use_lease(lease_id, Some(domain.clone()))
+    }
+
+    /// Uses a lease to hand its value to the session's guest (an env var or
+    /// a file): counted and recorded like an access, without a domain — the
+    /// guest can only send it through the proxy, to the lease's domains.
+    pub fn access_for_injection(&self, lease_id: &str) -> Result<SecretValue, VaultError> {
+        self.use_lease(lease_id, None)
+    }
+
+    fn use_lease(
+        &self,
+        lease_id: &str,
+        domain: Option<HostName>,
+    ) -> Result<SecretValue, VaultError> {
         let now = self.now();
         let dek = self.dek.clone();
         let lease_id = lease_id.to_owned();
-        let domain = domain.clone();
         self.store
             .run(move |conn, _| {
                 let lease = load_lease(conn, &lease_id)?;
+                let with_domain = |r: AuditRecord| match &domain {
+                    Some(d) => r.domain(d),
+                    None => r,
+                };
                 let refused = |detail: String, conn: &Connection| {
                     audit_refusal(
                         conn,
-                        &AuditRecord::new(now, AuditKind::AccessDenied, Outcome::Denied)
-                            .agent(&lease.agent)
-                            .session(&lease.session)
-                            .secret(&lease.secret)
-                            .lease(&lease.id)
-                            .domain(&domain)
-                            .detail(detail),
+                        &with_domain(
+                            AuditRecord::new(now, AuditKind::AccessDenied, Outcome::Denied)
+                                .agent(&lease.agent)
+                                .session(&lease.session)
+                                .secret(&lease.secret)
+                                .lease(&lease.id),
+                        )
+                        .detail(detail),
                     );
                 };
-                let uses_left = match lease.check_access(&domain, now) {
+                let checked = match &domain {
+                    Some(d) => lease.check_access(d, now),
+                    None => lease.check_use(now),
+                };
+                let uses_left = match checked {
                     Ok(u) => u,
                     Err(reason) => {
                         refused(reason.to_string(), conn);
@@ -909,17 +932,23 @@ impl Vault {
                 .map_err(db_error("count a lease use"))?;
                 audit_required(
                     conn,
-                    &AuditRecord::new(now, AuditKind::LeaseAccessed, Outcome::Ok)
-                        .agent(&lease.agent)
-                        .session(&lease.session)
-                        .secret(&lease.secret)
-                        .lease(&lease.id)
-                        .domain(&domain)
-                        .detail(format!(
-                            "version {}; uses left {}",
-                            row.info.version,
-                            uses_left.map_or("unlimited".to_owned(), |u| u.to_string())
-                        )),
+                    &with_domain(
+                        AuditRecord::new(now, AuditKind::LeaseAccessed, Outcome::Ok)
+                            .agent(&lease.agent)
+                            .session(&lease.session)
+                            .secret(&lease.secret)
+                            .lease(&lease.id),
+                    )
+                    .detail(format!(
+                        "{}version {}; uses left {}",
+                        if domain.is_none() {
+                            "injected into the session's guest; "
+                        } else {
+                            ""
+                        },
+                        row.info.version,
+                        uses_left.map_or("unlimited".to_owned(), |u| u.to_string())
+                    )),
                 )?;
                 Ok(Ok(value))
             })

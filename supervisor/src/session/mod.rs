@@ -1,0 +1,563 @@
+//! One agent session, end to end: leases from the vault, the jail, the
+//! proxy, the VM, provisioning through the guest agent, the agent's output
+//! and exit code, and cleanup.
+//!
+//! **Invariant:** cleanup — revoke every lease, stop the proxy (its tunnels
+//! are cut by the revocation), destroy QEMU, delete the jail (nftables table
+//! and tap), remove the runtime directory — runs exactly once, after the
+//! session's future has ended for whatever reason: the agent exited, an
+//! error, Ctrl-C, SIGTERM, or the manifest's timeout. Every state change is
+//! an audit record.
+//!
+//! Status: `run` drives a session in the foreground. `ps`, `revoke` and
+//! `destroy` from another terminal, the reaper at start-up, and the
+//! interactive TTY are not built yet (see ARCHITECTURE.md).
+
+mod provision;
+
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+use zerolease_protocol::{
+    CredentialOutcome, GuestMessage, HostMessage, MAX_FRAME_LEN, Message, OutputStream,
+};
+
+use crate::domain::HostName;
+use crate::home::StateDir;
+use crate::image::{self, VerifiedImage};
+use crate::jail::{self, DEFAULT_POOL, Jail, JailConfig, JailId, Link, ProxyPorts};
+use crate::manifest::{Inject, Manifest};
+use crate::proxy::addr::AllowedCidrs;
+use crate::proxy::registry::{Entry, ProxyRegistry, SessionId};
+use crate::proxy::resolve::{OverrideResolver, SystemResolver};
+use crate::proxy::server::{ProxyConfig, ProxyState, SessionListeners, run_session};
+use crate::proxy_audit::VaultProxyEvents;
+use crate::vault::{
+    AuditKind, AuditRecord, Lease, LeaseAsk, LeaseRequest, Outcome, RevokeScope, Vault, VaultError,
+};
+use crate::vm::argv::{AccelKind, DirectBoot, Mac, Machine, NetSpec, VmSpec};
+use crate::vm::process::Vm;
+
+/// The proxy ports on the host side of every session's link.
+pub const PORTS: ProxyPorts = ProxyPorts {
+    connect: 3128,
+    transparent: 3129,
+};
+
+/// How to run a session.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub home: StateDir,
+    /// Where images live (default: `images/out` of the source tree, or
+    /// `ZEROLEASE_IMAGES`).
+    pub images: Option<PathBuf>,
+    /// The agent name the policy is checked for (default: the manifest's name).
+    pub agent: Option<String>,
+    /// Replaces the manifest's command.
+    pub command: Option<Vec<String>>,
+    /// Bound on the guest's hello, per accelerator tried.
+    pub hello_bound: Duration,
+}
+
+/// How a session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunOutcome {
+    pub session: String,
+    /// The agent's exit code, or `None` when it was killed by a signal or
+    /// never ran.
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Image(#[from] image::ImageError),
+    #[error(transparent)]
+    Vault(#[from] VaultError),
+    #[error("credential `{secret}`: {source}")]
+    Lease {
+        secret: String,
+        #[source]
+        source: VaultError,
+    },
+    #[error(transparent)]
+    Jail(#[from] jail::JailError),
+    #[error("cannot open the session's tap")]
+    Tap(#[from] jail::tap::TapError),
+    #[error("cannot start the session's proxy on {addr}")]
+    ProxyBind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot find QEMU; install it with `apt-get install qemu-system-x86`")]
+    Qemu(#[source] crate::vm::process::SpawnError),
+    #[error(transparent)]
+    Boot(#[from] crate::vm::watchdog::BootError),
+    #[error("cannot create the runtime directory {}", path.display())]
+    RuntimeDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("provisioning failed: {0}")]
+    Provision(String),
+    #[error("the control channel to the guest failed: {0}")]
+    Channel(String),
+    #[error("the guest went away before the agent exited")]
+    GuestGone,
+    #[error("the session timed out after {}", humantime::format_duration(*.0))]
+    Timeout(Duration),
+    #[error("the session was interrupted ({0})")]
+    Interrupted(&'static str),
+}
+
+/// What cleanup has to undo. Filled in as the session goes.
+#[derive(Default)]
+struct Held {
+    session: Option<String>,
+    jail: Option<Jail>,
+    vm: Option<Vm>,
+    proxy: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
+    registry: Option<ProxyRegistry>,
+    runtime_dir: Option<PathBuf>,
+}
+
+fn record(vault: &Vault, session: &str, state: &str, detail: String) {
+    let r = AuditRecord::new(vault.now(), AuditKind::SessionTransition, Outcome::Ok)
+        .session(session)
+        .detail(format!("{state}: {detail}"));
+    if let Err(e) = vault.audit_append(r) {
+        tracing::warn!("could not record the session's {state} transition: {e}");
+    }
+}
+
+/// Runs `manifest` as a session in the foreground, writing the agent's
+/// output to `stdout`/`stderr`, and returns how the agent ended. Cleanup has
+/// run when this returns, on every path.
+pub async fn run(
+    vault: Arc<Vault>,
+    manifest: Manifest,
+    config: RunConfig,
+    stdout: &mut (dyn Write + Send),
+    stderr: &mut (dyn Write + Send),
+) -> Result<RunOutcome, SessionError> {
+    let mut held = Held::default();
+    let timeout = manifest.timeout;
+    let result = {
+        let drive = drive(&vault, &manifest, &config, &mut held, stdout, stderr);
+        tokio::select! {
+            r = drive => r,
+            _ = tokio::time::sleep(timeout) => Err(SessionError::Timeout(timeout)),
+            _ = interrupted() => Err(SessionError::Interrupted("signal")),
+        }
+    };
+    cleanup(&vault, &mut held).await;
+    if let Some(id) = &held.session {
+        let (state, detail) = match &result {
+            Ok(o) => (
+                "destroyed",
+                format!("agent exit code {:?}, signal {:?}", o.code, o.signal),
+            ),
+            Err(e) => ("failed", e.to_string()),
+        };
+        record(&vault, id, state, detail);
+    }
+    result
+}
+
+async fn interrupted() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Undoes everything `drive` set up, in reverse order of risk: leases and
+/// tunnels first, so nothing usable outlives the session even if a later
+/// step fails; each step is idempotent and runs even when an earlier one
+/// failed.
+async fn cleanup(vault: &Arc<Vault>, held: &mut Held) {
+    let Some(id) = held.session.clone() else {
+        return;
+    };
+    if let Err(e) = vault.revoke(RevokeScope::Session(id.clone())) {
+        tracing::warn!("revoking the session's leases: {e}");
+    }
+    if let Some(registry) = &held.registry {
+        registry.revoke_session(&SessionId::new(&id));
+    }
+    if let Some((token, task)) = held.proxy.take() {
+        token.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+    }
+    if let Some(mut vm) = held.vm.take()
+        && let Err(e) = vm.destroy(Duration::from_secs(3)).await
+    {
+        tracing::warn!("destroying the VM: {e}");
+    }
+    if let Some(mut jail) = held.jail.take()
+        && let Err(e) = jail.destroy().await
+    {
+        tracing::warn!("deleting the jail: {e}");
+    }
+    if let Some(dir) = held.runtime_dir.take() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+async fn drive(
+    vault: &Arc<Vault>,
+    manifest: &Manifest,
+    config: &RunConfig,
+    held: &mut Held,
+    stdout: &mut (dyn Write + Send),
+    stderr: &mut (dyn Write + Send),
+) -> Result<RunOutcome, SessionError> {
+    let image: VerifiedImage = image::verify_named(&manifest.image, config.images.as_deref())?;
+    let id = JailId::parse(&crate::vault::crypto::random_hex(5).map_err(VaultError::from)?)?;
+    let session = id.as_str().to_owned();
+    held.session = Some(session.clone());
+    record(
+        vault,
+        &session,
+        "created",
+        format!("manifest {}, image {}", manifest.name, image.name),
+    );
+
+    // Leases first: if policy says no, nothing else is built.
+    let agent = config
+        .agent
+        .clone()
+        .unwrap_or_else(|| manifest.name.clone());
+    let mut leases: Vec<(usize, Lease)> = Vec::new();
+    for (i, c) in manifest.credentials.iter().enumerate() {
+        let lease = vault
+            .grant(LeaseRequest {
+                agent: agent.clone(),
+                session: session.clone(),
+                secret: c.secret.clone(),
+                ask: LeaseAsk {
+                    domains: c.domains.clone(),
+                    ttl: c.ttl,
+                    max_uses: c.max_uses,
+                },
+            })
+            .map_err(|source| SessionError::Lease {
+                secret: c.secret.clone(),
+                source,
+            })?;
+        leases.push((i, lease));
+    }
+
+    record(vault, &session, "booting", "jail, proxy, VM".into());
+    let jail = Jail::create(JailConfig {
+        id: id.clone(),
+        link: Link::Tap {
+            owner: nix::unistd::Uid::effective(),
+        },
+        pool: DEFAULT_POOL
+            .parse()
+            .map_err(|e| SessionError::Channel(format!("the default address pool: {e}")))?,
+        ports: PORTS,
+        dns_port: None,
+    })
+    .await?;
+    let host = jail.record().host;
+    let guest = jail.record().guest;
+    let link = jail.record().interface.clone();
+    held.jail = Some(jail);
+
+    let registry = start_proxy(vault, manifest, &session, &leases, host, held).await?;
+    held.registry = Some(registry);
+
+    let runtime_dir = config.home.root().join("run").join(&session);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&runtime_dir)
+        .map_err(|source| SessionError::RuntimeDir {
+            path: runtime_dir.clone(),
+            source,
+        })?;
+    held.runtime_dir = Some(runtime_dir.clone());
+
+    let tap = jail::tap::open_tap(&link)?;
+    let spec = VmSpec {
+        session: id.clone(),
+        machine: Machine::Q35,
+        accel: AccelKind::Tcg,
+        vcpus: u16::try_from(manifest.resources.cpus).unwrap_or(1),
+        memory_mib: u32::try_from(manifest.resources.memory >> 20).unwrap_or(512),
+        boot: Some(DirectBoot {
+            kernel: image.kernel.clone(),
+            initrd: Some(image.initramfs.clone()),
+        }),
+        disk: None,
+        net: Some(NetSpec {
+            fd: 3,
+            mac: Mac::for_session(&id),
+            guest_ip: guest,
+            host_ip: host,
+        }),
+        runtime_dir,
+    };
+    let qemu = crate::vm::process::find_qemu().map_err(SessionError::Qemu)?;
+    let accel = match manifest.accel {
+        crate::manifest::Accel::Auto => crate::vm::watchdog::Accel::Auto,
+        crate::manifest::Accel::Kvm => crate::vm::watchdog::Accel::Kvm,
+        crate::manifest::Accel::Tcg => crate::vm::watchdog::Accel::Tcg,
+    };
+    let booted =
+        crate::vm::watchdog::boot(qemu, spec, Some(tap), accel, config.hello_bound).await?;
+    held.vm = Some(booted.vm);
+    let mut channel = booted.hello.channel;
+    record(
+        vault,
+        &session,
+        "provisioning",
+        format!(
+            "guest agent {} said hello under {}",
+            booted.hello.agent_version, booted.accel
+        ),
+    );
+
+    let command = config
+        .command
+        .clone()
+        .unwrap_or_else(|| manifest.command.clone());
+    let proxy_url = format!("http://{host}:{}", PORTS.connect);
+    let provision = provision::build(vault, manifest, &leases, command, &proxy_url)?;
+    send(&mut channel, &HostMessage::Provision(Box::new(provision))).await?;
+
+    let outcome = serve(
+        vault,
+        manifest,
+        &session,
+        &leases,
+        &mut channel,
+        stdout,
+        stderr,
+    )
+    .await?;
+    let _ = send(&mut channel, &HostMessage::Shutdown {}).await;
+    record(
+        vault,
+        &session,
+        "stopping",
+        format!(
+            "agent ended: code {:?}, signal {:?}",
+            outcome.code, outcome.signal
+        ),
+    );
+    Ok(outcome)
+}
+
+async fn start_proxy(
+    vault: &Arc<Vault>,
+    manifest: &Manifest,
+    session: &str,
+    leases: &[(usize, Lease)],
+    host: Ipv4Addr,
+    held: &mut Held,
+) -> Result<ProxyRegistry, SessionError> {
+    let sid = SessionId::new(session);
+    let registry = ProxyRegistry::new();
+    registry.add_session(sid.clone());
+    let now = vault.now();
+    for (_, l) in leases {
+        let left = l.time_left(now);
+        let entry = Entry::lease(
+            l.id.0.clone(),
+            l.secret.clone(),
+            l.domains.clone(),
+            Some(tokio::time::Instant::now() + left),
+        );
+        registry
+            .grant(&sid, entry)
+            .map_err(|e| SessionError::Channel(e.to_string()))?;
+    }
+    for (i, a) in manifest.allow.iter().enumerate() {
+        let entry = Entry::allow(format!("allow-{i}-{}", a.domain), vec![a.domain.clone()])
+            .with_ports(a.ports.clone());
+        registry
+            .grant(&sid, entry)
+            .map_err(|e| SessionError::Channel(e.to_string()))?;
+    }
+    let overrides = manifest
+        .network
+        .overrides
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let resolver = Arc::new(OverrideResolver::with_fallback(
+        overrides,
+        Arc::new(SystemResolver),
+    ));
+    let events = Arc::new(
+        VaultProxyEvents::new(vault.clone()).map_err(|e| SessionError::Channel(e.to_string()))?,
+    );
+    let allowed = AllowedCidrs::parse(&manifest.network.allow_cidrs)
+        .map_err(|e| SessionError::Channel(e.to_string()))?;
+    let state = ProxyState::new(
+        registry.clone(),
+        resolver,
+        events,
+        ProxyConfig {
+            allowed_cidrs: allowed,
+            ..ProxyConfig::default()
+        },
+    );
+    let bind = |port: u16| {
+        let addr = SocketAddr::from((host, port));
+        async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| SessionError::ProxyBind { addr, source })
+        }
+    };
+    let listeners = SessionListeners {
+        explicit: Some(bind(PORTS.connect).await?),
+        transparent: Some(bind(PORTS.transparent).await?),
+        ..SessionListeners::default()
+    };
+    let token = CancellationToken::new();
+    let task = tokio::spawn(run_session(listeners, sid, state, token.clone()));
+    held.proxy = Some((token, task));
+    Ok(registry)
+}
+
+async fn send(channel: &mut UnixStream, msg: &HostMessage) -> Result<(), SessionError> {
+    let payload = msg
+        .encode()
+        .map_err(|e| SessionError::Channel(e.to_string()))?;
+    let len = u32::try_from(payload.len())
+        .map_err(|_| SessionError::Channel("message too large".into()))?;
+    channel
+        .write_all(&len.to_be_bytes())
+        .await
+        .map_err(|e| SessionError::Channel(e.to_string()))?;
+    channel
+        .write_all(&payload)
+        .await
+        .map_err(|e| SessionError::Channel(e.to_string()))
+}
+
+/// Reads one guest message; `None` at a clean end of stream.
+async fn receive(channel: &mut UnixStream) -> Result<Option<GuestMessage>, SessionError> {
+    let mut len = [0u8; 4];
+    match channel.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(SessionError::Channel(e.to_string())),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME_LEN {
+        return Err(SessionError::Channel(format!(
+            "the guest sent a frame of {len} bytes, over the limit"
+        )));
+    }
+    let mut payload = zeroize::Zeroizing::new(vec![0u8; len]);
+    channel
+        .read_exact(&mut payload)
+        .await
+        .map_err(|e| SessionError::Channel(e.to_string()))?;
+    GuestMessage::decode(&payload)
+        .map(Some)
+        .map_err(|e| SessionError::Channel(e.to_string()))
+}
+
+/// Relays the agent's output and answers credential requests until it exits.
+async fn serve(
+    vault: &Arc<Vault>,
+    manifest: &Manifest,
+    session: &str,
+    leases: &[(usize, Lease)],
+    channel: &mut UnixStream,
+    stdout: &mut (dyn Write + Send),
+    stderr: &mut (dyn Write + Send),
+) -> Result<RunOutcome, SessionError> {
+    loop {
+        let Some(msg) = receive(channel).await? else {
+            return Err(SessionError::GuestGone);
+        };
+        match msg {
+            GuestMessage::Provisioned {} => {
+                record(
+                    vault,
+                    session,
+                    "running",
+                    "the guest provisioned the agent".into(),
+                );
+            }
+            GuestMessage::ProvisionFailed { reason } => {
+                return Err(SessionError::Provision(reason));
+            }
+            GuestMessage::Started { .. }
+            | GuestMessage::SecretsUpdated {}
+            | GuestMessage::Revoked {} => {}
+            GuestMessage::UpdateSecretsFailed { reason } => {
+                tracing::warn!("the guest could not update secrets: {reason}");
+            }
+            GuestMessage::Output { stream, data } => {
+                let out: &mut (dyn Write + Send) = match stream {
+                    OutputStream::Stdout => stdout,
+                    OutputStream::Stderr => stderr,
+                };
+                let _ = out.write_all(&data.0);
+                let _ = out.flush();
+            }
+            GuestMessage::CredentialRequest {
+                id, protocol, host, ..
+            } => {
+                let outcome = provision::git_credential(vault, manifest, leases, &protocol, &host);
+                if let CredentialOutcome::Denied { reason } = &outcome {
+                    tracing::info!(%host, "git credential denied: {reason}");
+                }
+                send(channel, &HostMessage::CredentialResponse { id, outcome }).await?;
+            }
+            GuestMessage::Exited { code, signal } => {
+                return Ok(RunOutcome {
+                    session: session.to_owned(),
+                    code,
+                    signal,
+                });
+            }
+            GuestMessage::Hello { .. } => {
+                return Err(SessionError::Channel("the guest said hello twice".into()));
+            }
+        }
+    }
+}
+
+/// The host name part of git's `host` field (`example.com:8443` → `example.com`).
+fn git_host(host: &str) -> Option<HostName> {
+    let name = host.rsplit_once(':').map_or(host, |(h, port)| {
+        if port.bytes().all(|b| b.is_ascii_digit()) {
+            h
+        } else {
+            host
+        }
+    });
+    HostName::parse(name).ok()
+}
+
+/// Whether the credential of manifest entry `index` is served to git.
+fn injects_git(manifest: &Manifest, index: usize) -> bool {
+    manifest.credentials[index]
+        .inject
+        .iter()
+        .any(|i| matches!(i, Inject::GitCredential(_)))
+}
