@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 
 use nix::sched::{CloneFlags, setns};
 
+pub mod upstream;
+
 /// Why the test environment is unusable.
 #[derive(Debug, thiserror::Error)]
 pub enum HarnessError {
@@ -148,6 +150,24 @@ impl Netns {
             .args(args)
             .output()
             .unwrap_or_else(|e| panic!("cannot run {program} in {}: {e}", self.name))
+    }
+
+    /// Starts `program ARGS` inside the namespace in the background, with
+    /// its output captured. `ip netns exec` execs the program itself, so the
+    /// child's exit is the program's exit.
+    pub fn spawn<I, S>(&self, program: &str, args: I) -> std::process::Child
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name, program])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {program} in {}: {e}", self.name))
     }
 
     /// Creates a veth pair: `name` here, `peer_name` in `peer`. Both ends are

@@ -5,12 +5,16 @@
 //! `/slow/N` (N bytes, 16 KiB every 10 ms, for transfers that are still
 //! running when a lease is revoked); `/auth` (200 only with
 //! `Authorization: Bearer <token>`). Every request gets `Connection: close`.
+//!
+//! The server counts the TCP connections it accepted and records when each
+//! one ended, so tests can prove the upstream saw nothing, or measure how
+//! soon it saw a revoked tunnel close.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -21,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::Netns;
 
 /// A certificate authority made for one test, and a leaf for some names.
+#[derive(Debug)]
 pub struct TestCa {
     ca_pem: String,
     server: Arc<rustls::ServerConfig>,
@@ -34,15 +39,15 @@ impl TestCa {
         ca_params
             .distinguished_name
             .push(rcgen::DnType::CommonName, "zerolease e2e test CA");
-        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
-            .unwrap();
+        let ca =
+            rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+                .unwrap();
         let leaf_key = rcgen::KeyPair::generate().unwrap();
-        let leaf = rcgen::CertificateParams::new(
-            names.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
-        )
-        .unwrap()
-        .signed_by(&leaf_key, &ca)
-        .unwrap();
+        let leaf =
+            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap()
+                .signed_by(&leaf_key, &ca)
+                .unwrap();
         let server = rustls::ServerConfig::builder()
             .with_no_client_auth()
             .with_single_cert(
@@ -65,23 +70,34 @@ impl TestCa {
 }
 
 /// A running HTTPS server; stopped when dropped.
+#[derive(Debug)]
 pub struct HttpsServer {
     pub addr: SocketAddr,
     stop: CancellationToken,
     thread: Option<std::thread::JoinHandle<()>>,
     requests: Arc<AtomicU64>,
+    connections: Arc<AtomicU64>,
+    closed: Arc<Mutex<Vec<Instant>>>,
 }
 
 impl HttpsServer {
     /// Starts a server on `addr` inside `ns`. `token` is what `/auth` wants.
-    pub fn start(ns: &Arc<Netns>, addr: SocketAddr, ca: &TestCa, token: Option<&str>) -> HttpsServer {
+    pub fn start(
+        ns: &Arc<Netns>,
+        addr: SocketAddr,
+        ca: &TestCa,
+        token: Option<&str>,
+    ) -> HttpsServer {
         let stop = CancellationToken::new();
         let requests = Arc::new(AtomicU64::new(0));
+        let connections = Arc::new(AtomicU64::new(0));
+        let closed = Arc::new(Mutex::new(Vec::new()));
         let acceptor = TlsAcceptor::from(ca.server.clone());
         let token = token.map(str::to_owned);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = {
             let (ns, stop, requests) = (ns.clone(), stop.clone(), requests.clone());
+            let (connections, closed) = (connections.clone(), closed.clone());
             std::thread::spawn(move || {
                 ns.block_on(|| async move {
                     let listener = TcpListener::bind(addr).await.expect("bind upstream");
@@ -91,15 +107,27 @@ impl HttpsServer {
                             _ = stop.cancelled() => break,
                             r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
                         };
-                        let (acceptor, token, requests, stop) =
-                            (acceptor.clone(), token.clone(), requests.clone(), stop.clone());
+                        connections.fetch_add(1, Ordering::SeqCst);
+                        let (acceptor, token, requests, stop, closed) = (
+                            acceptor.clone(),
+                            token.clone(),
+                            requests.clone(),
+                            stop.clone(),
+                            closed.clone(),
+                        );
                         tokio::spawn(async move {
-                            let Ok(tls) = acceptor.accept(sock).await else { return };
-                            requests.fetch_add(1, Ordering::SeqCst);
-                            tokio::select! {
-                                _ = stop.cancelled() => {}
-                                _ = serve(tls, token.as_deref()) => {}
+                            if let Ok(tls) = acceptor.accept(sock).await {
+                                requests.fetch_add(1, Ordering::SeqCst);
+                                tokio::select! {
+                                    _ = stop.cancelled() => {}
+                                    _ = serve(tls, token.as_deref()) => {}
+                                }
                             }
+                            // The socket is dropped here: the connection is over.
+                            closed
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .push(Instant::now());
                         });
                     }
                 })
@@ -113,12 +141,27 @@ impl HttpsServer {
             stop,
             thread: Some(thread),
             requests,
+            connections,
+            closed,
         }
     }
 
     /// TLS connections that completed a handshake.
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::SeqCst)
+    }
+
+    /// TCP connections accepted, handshake or not.
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    /// When each finished connection ended (its socket dropped), in order.
+    pub fn closed(&self) -> Vec<Instant> {
+        self.closed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -131,7 +174,10 @@ impl Drop for HttpsServer {
     }
 }
 
-async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut s: S, token: Option<&str>) {
+async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut s: S,
+    token: Option<&str>,
+) {
     let mut head = Vec::new();
     let mut buf = [0u8; 2048];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -153,7 +199,8 @@ async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut s: S
     let auth = lines
         .find_map(|l| {
             let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("authorization").then(|| v.trim().to_owned())
+            k.eq_ignore_ascii_case("authorization")
+                .then(|| v.trim().to_owned())
         })
         .unwrap_or_default();
     let n_of = |p: &str| p.parse::<u64>().unwrap_or(0);

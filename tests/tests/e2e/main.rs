@@ -3,5 +3,6 @@
 //! root; under `CI=true` a missing privilege or tool fails the test.
 
 mod jail;
+mod proxy;
 mod tap;
 mod world;
