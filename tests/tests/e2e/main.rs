@@ -4,5 +4,6 @@
 
 mod jail;
 mod proxy;
+mod session;
 mod tap;
 mod world;
