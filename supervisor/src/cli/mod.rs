@@ -83,6 +83,18 @@ enum Command {
     /// Validate session manifests.
     #[command(subcommand)]
     Manifest(ManifestCmd),
+    /// List sessions: state, image, age, leases with time left.
+    Ps {
+        /// Include finished sessions.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Revoke every lease of a running session: its tunnels close at once
+    /// and the agent is offline; the VM stays.
+    Revoke { session: String },
+    /// Revoke and tear a session down: QEMU, tap, nftables table, runtime
+    /// directory. Works on a session whose `zerolease run` died, too.
+    Destroy { session: String },
     /// Run a session: boot a disposable VM from the manifest's image, lease
     /// its credentials, run the agent, tear everything down. Exits with the
     /// agent's exit code.
@@ -326,6 +338,21 @@ pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitCode> {
             manifest_check(&vault, &file, agent, j)
         }
         Command::Image(cmd) => image_cmd::run(&cmd, j),
+        Command::Ps { all } => sessions_ps(&vault, cli.home.clone(), all, j),
+        Command::Revoke { session } => session_control(
+            &vault,
+            cli.home.clone(),
+            &session,
+            crate::session::Control::Revoke,
+            j,
+        ),
+        Command::Destroy { session } => session_control(
+            &vault,
+            cli.home.clone(),
+            &session,
+            crate::session::Control::Destroy,
+            j,
+        ),
         Command::Run {
             manifest,
             agent,
@@ -864,6 +891,151 @@ fn run_session(
             Ok(ExitStatus::SessionFailed.into())
         }
     }
+}
+
+fn sessions_ps(
+    vault: &Vault,
+    home: Option<PathBuf>,
+    all: bool,
+    j: bool,
+) -> anyhow::Result<ExitStatus> {
+    use crate::session::record::SessionRecord;
+    let home = StateDir::resolve(home)?;
+    let now = vault.now();
+    let mut rows = Vec::new();
+    for r in SessionRecord::all(&home) {
+        let alive = r.supervisor_alive();
+        let state = if !r.is_finished() && !alive {
+            "orphaned".to_owned()
+        } else {
+            r.state.clone()
+        };
+        if !all && r.is_finished() {
+            continue;
+        }
+        let leases = vault.list_leases(LeaseFilter {
+            session: Some(r.id.clone()),
+            include_inactive: false,
+        })?;
+        rows.push((r, state, leases));
+    }
+    if j {
+        let out: Vec<_> = rows
+            .iter()
+            .map(|(r, state, leases)| {
+                serde_json::json!({
+                    "id": r.id,
+                    "name": r.name,
+                    "state": state,
+                    "image": r.image,
+                    "started": r.started,
+                    "age_seconds": r.started.until(now).as_secs(),
+                    "exit_code": r.exit_code,
+                    "leases": leases.iter().map(|l| serde_json::json!({
+                        "id": l.id, "secret": l.secret, "domains": l.domains,
+                        "seconds_left": l.time_left(now).as_secs(),
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        json(&out)?;
+    } else {
+        let mut t = Table::new(&["SESSION", "NAME", "STATE", "IMAGE", "AGE", "LEASES"]);
+        for (r, state, leases) in &rows {
+            t.row(vec![
+                r.id.clone(),
+                r.name.clone(),
+                state.clone(),
+                r.image.clone(),
+                format_duration_short(r.started.until(now)),
+                leases
+                    .iter()
+                    .map(|l| {
+                        format!(
+                            "{} ({} left)",
+                            l.secret,
+                            format_duration_short(l.time_left(now))
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ]);
+        }
+        t.print(if all {
+            "no sessions"
+        } else {
+            "no running sessions (--all shows finished ones)"
+        });
+    }
+    Ok(ExitStatus::Success)
+}
+
+fn session_control(
+    vault: &Vault,
+    home: Option<PathBuf>,
+    session: &str,
+    what: crate::session::Control,
+    j: bool,
+) -> anyhow::Result<ExitStatus> {
+    use crate::session::record::{SessionRecord, control_socket};
+    use std::io::{BufRead, Write};
+    let home = StateDir::resolve(home)?;
+    let record = SessionRecord::load(&home, session).map_err(|_| {
+        VaultError::Invalid(format!(
+            "no session `{session}`; list them with `zerolease ps --all`"
+        ))
+    })?;
+    // A live `zerolease run` does it itself, at once: it holds the proxy
+    // whose tunnels must be cut and the VM.
+    if record.supervisor_alive()
+        && let Ok(mut stream) =
+            std::os::unix::net::UnixStream::connect(control_socket(&record.runtime_dir))
+    {
+        stream.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+        writeln!(stream, "{}", what.as_str())?;
+        let mut answer = String::new();
+        std::io::BufReader::new(&stream).read_line(&mut answer)?;
+        if !answer.starts_with("ok") {
+            anyhow::bail!("session `{session}` refused: {}", answer.trim());
+        }
+        if what == crate::session::Control::Destroy {
+            // Wait for its cleanup to finish.
+            for _ in 0..300 {
+                if SessionRecord::load(&home, session).is_ok_and(|r| r.is_finished()) {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+    } else {
+        // Nobody runs it any more: do what a dead supervisor could not.
+        let revoked = vault.revoke(RevokeScope::Session(session.to_owned()))?;
+        if what == crate::session::Control::Destroy {
+            crate::session::reap(&home, record)?;
+        }
+        tracing::info!(
+            count = revoked.len(),
+            "revoked the leases of an orphaned session"
+        );
+    }
+    let after = SessionRecord::load(&home, session).ok();
+    if j {
+        json(&serde_json::json!({
+            "session": session,
+            "action": what.as_str(),
+            "state": after.map(|r| r.state),
+        }))?;
+    } else {
+        match what {
+            crate::session::Control::Revoke => println!(
+                "session `{session}`: every lease revoked; its tunnels are closed and the agent is offline"
+            ),
+            crate::session::Control::Destroy => println!(
+                "session `{session}` destroyed: leases revoked, VM, tap and nftables table gone"
+            ),
+        }
+    }
+    Ok(ExitStatus::Success)
 }
 
 fn manifest_check(

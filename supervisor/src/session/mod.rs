@@ -14,6 +14,7 @@
 //! interactive TTY are not built yet (see ARCHITECTURE.md).
 
 mod provision;
+pub mod record;
 
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -22,8 +23,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, UnixStream};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use zerolease_protocol::{
     CredentialOutcome, GuestMessage, HostMessage, MAX_FRAME_LEN, Message, OutputStream,
@@ -118,12 +120,42 @@ pub enum SessionError {
     Timeout(Duration),
     #[error("the session was interrupted ({0})")]
     Interrupted(&'static str),
+    #[error("the session was destroyed by `zerolease destroy`")]
+    Destroyed,
+}
+
+/// What another `zerolease` process may ask of a running session over its
+/// control socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Revoke every lease: tunnels are cut, the agent is offline, the VM stays.
+    Revoke,
+    /// Revoke and tear everything down.
+    Destroy,
+}
+
+impl Control {
+    pub fn parse(line: &str) -> Option<Control> {
+        match line.trim() {
+            "revoke" => Some(Control::Revoke),
+            "destroy" => Some(Control::Destroy),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Control::Revoke => "revoke",
+            Control::Destroy => "destroy",
+        }
+    }
 }
 
 /// What cleanup has to undo. Filled in as the session goes.
 #[derive(Default)]
 struct Held {
     session: Option<String>,
+    record: Option<(StateDir, record::SessionRecord)>,
     jail: Option<Jail>,
     vm: Option<Vm>,
     proxy: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
@@ -137,6 +169,25 @@ fn record(vault: &Vault, session: &str, state: &str, detail: String) {
         .detail(format!("{state}: {detail}"));
     if let Err(e) = vault.audit_append(r) {
         tracing::warn!("could not record the session's {state} transition: {e}");
+    }
+}
+
+impl Held {
+    /// Records a state change in the audit log and the session's record.
+    fn transition(&mut self, vault: &Vault, state: &str, detail: String) {
+        if let Some(id) = &self.session {
+            record(vault, id, state, detail);
+        }
+        self.save(|r| r.state = state.to_owned());
+    }
+
+    fn save(&mut self, change: impl FnOnce(&mut record::SessionRecord)) {
+        if let Some((home, r)) = &mut self.record {
+            change(r);
+            if let Err(e) = r.save(home) {
+                tracing::warn!("could not write the session record: {e}");
+            }
+        }
     }
 }
 
@@ -161,16 +212,17 @@ pub async fn run(
         }
     };
     cleanup(&vault, &mut held).await;
-    if let Some(id) = &held.session {
-        let (state, detail) = match &result {
-            Ok(o) => (
-                "destroyed",
-                format!("agent exit code {:?}, signal {:?}", o.code, o.signal),
-            ),
-            Err(e) => ("failed", e.to_string()),
-        };
-        record(&vault, id, state, detail);
-    }
+    let (state, detail) = match &result {
+        Ok(o) => (
+            "destroyed",
+            format!("agent exit code {:?}, signal {:?}", o.code, o.signal),
+        ),
+        Err(SessionError::Destroyed) => ("destroyed", "by zerolease destroy".to_owned()),
+        Err(e) => ("failed", e.to_string()),
+    };
+    let code = result.as_ref().ok().and_then(|o| o.code);
+    held.save(|r| r.exit_code = code);
+    held.transition(&vault, state, detail);
     result
 }
 
@@ -230,9 +282,24 @@ async fn drive(
     let id = JailId::parse(&crate::vault::crypto::random_hex(5).map_err(VaultError::from)?)?;
     let session = id.as_str().to_owned();
     held.session = Some(session.clone());
-    record(
+    let runtime_dir = config.home.root().join("run").join(&session);
+    held.record = Some((
+        config.home.clone(),
+        record::SessionRecord {
+            id: session.clone(),
+            name: manifest.name.clone(),
+            image: image.name.clone(),
+            pid: std::process::id(),
+            started: vault.now(),
+            state: "created".into(),
+            runtime_dir: runtime_dir.clone(),
+            jail: None,
+            qemu_pid: None,
+            exit_code: None,
+        },
+    ));
+    held.transition(
         vault,
-        &session,
         "created",
         format!("manifest {}, image {}", manifest.name, image.name),
     );
@@ -262,7 +329,7 @@ async fn drive(
         leases.push((i, lease));
     }
 
-    record(vault, &session, "booting", "jail, proxy, VM".into());
+    held.transition(vault, "booting", "jail, proxy, VM".into());
     let jail = Jail::create(JailConfig {
         id: id.clone(),
         link: Link::Tap {
@@ -278,12 +345,13 @@ async fn drive(
     let host = jail.record().host;
     let guest = jail.record().guest;
     let link = jail.record().interface.clone();
+    let jail_record = jail.record().clone();
+    held.save(|r| r.jail = Some(jail_record));
     held.jail = Some(jail);
 
     let registry = start_proxy(vault, manifest, &session, &leases, host, held).await?;
     held.registry = Some(registry);
 
-    let runtime_dir = config.home.root().join("run").join(&session);
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -293,6 +361,7 @@ async fn drive(
             source,
         })?;
     held.runtime_dir = Some(runtime_dir.clone());
+    let control = control_listener(&record::control_socket(&runtime_dir))?;
 
     let tap = jail::tap::open_tap(&link)?;
     let spec = VmSpec {
@@ -322,11 +391,12 @@ async fn drive(
     };
     let booted =
         crate::vm::watchdog::boot(qemu, spec, Some(tap), accel, config.hello_bound).await?;
+    let qemu_pid = booted.vm.pid();
+    held.save(|r| r.qemu_pid = Some(qemu_pid));
     held.vm = Some(booted.vm);
-    let mut channel = booted.hello.channel;
-    record(
+    let (mut from_guest, mut channel) = booted.hello.channel.into_split();
+    held.transition(
         vault,
-        &session,
         "provisioning",
         format!(
             "guest agent {} said hello under {}",
@@ -342,20 +412,33 @@ async fn drive(
     let provision = provision::build(vault, manifest, &leases, command, &proxy_url)?;
     send(&mut channel, &HostMessage::Provision(Box::new(provision))).await?;
 
-    let outcome = serve(
+    let (guest_tx, guest_rx) = mpsc::channel(64);
+    let reader = tokio::spawn(async move {
+        loop {
+            let msg = receive(&mut from_guest).await;
+            let end = !matches!(msg, Ok(Some(_)));
+            if guest_tx.send(msg).await.is_err() || end {
+                break;
+            }
+        }
+    });
+    let served = serve(
         vault,
         manifest,
-        &session,
+        held,
         &leases,
         &mut channel,
+        guest_rx,
+        control,
         stdout,
         stderr,
     )
-    .await?;
+    .await;
+    reader.abort();
+    let outcome = served?;
     let _ = send(&mut channel, &HostMessage::Shutdown {}).await;
-    record(
+    held.transition(
         vault,
-        &session,
         "stopping",
         format!(
             "agent ended: code {:?}, signal {:?}",
@@ -439,7 +522,10 @@ async fn start_proxy(
     Ok(registry)
 }
 
-async fn send(channel: &mut UnixStream, msg: &HostMessage) -> Result<(), SessionError> {
+async fn send(
+    channel: &mut (impl AsyncWrite + Unpin),
+    msg: &HostMessage,
+) -> Result<(), SessionError> {
     let payload = msg
         .encode()
         .map_err(|e| SessionError::Channel(e.to_string()))?;
@@ -456,7 +542,9 @@ async fn send(channel: &mut UnixStream, msg: &HostMessage) -> Result<(), Session
 }
 
 /// Reads one guest message; `None` at a clean end of stream.
-async fn receive(channel: &mut UnixStream) -> Result<Option<GuestMessage>, SessionError> {
+async fn receive(
+    channel: &mut (impl AsyncRead + Unpin),
+) -> Result<Option<GuestMessage>, SessionError> {
     let mut len = [0u8; 4];
     match channel.read_exact(&mut len).await {
         Ok(_) => {}
@@ -479,28 +567,72 @@ async fn receive(channel: &mut UnixStream) -> Result<Option<GuestMessage>, Sessi
         .map_err(|e| SessionError::Channel(e.to_string()))
 }
 
-/// Relays the agent's output and answers credential requests until it exits.
+/// Binds the session's control socket (in its private runtime directory).
+fn control_listener(path: &std::path::Path) -> Result<UnixListener, SessionError> {
+    let _ = std::fs::remove_file(path);
+    UnixListener::bind(path).map_err(|source| SessionError::RuntimeDir {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Relays the agent's output, answers credential requests, and obeys the
+/// control socket until the agent exits.
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     vault: &Arc<Vault>,
     manifest: &Manifest,
-    session: &str,
+    held: &mut Held,
     leases: &[(usize, Lease)],
-    channel: &mut UnixStream,
+    channel: &mut (impl AsyncWrite + Unpin),
+    mut guest: mpsc::Receiver<Result<Option<GuestMessage>, SessionError>>,
+    control: UnixListener,
     stdout: &mut (dyn Write + Send),
     stderr: &mut (dyn Write + Send),
 ) -> Result<RunOutcome, SessionError> {
+    let session = held.session.clone().unwrap_or_default();
     loop {
-        let Some(msg) = receive(channel).await? else {
-            return Err(SessionError::GuestGone);
+        let msg = tokio::select! {
+            m = guest.recv() => match m {
+                Some(Ok(Some(msg))) => msg,
+                Some(Err(e)) => return Err(e),
+                Some(Ok(None)) | None => return Err(SessionError::GuestGone),
+            },
+            c = control.accept() => {
+                let Ok((stream, _)) = c else { continue };
+                let (read, mut write) = stream.into_split();
+                let mut line = String::new();
+                let mut lines = tokio::io::BufReader::new(read.take(64));
+                let _ = lines.read_line(&mut line).await;
+                match Control::parse(&line) {
+                    Some(Control::Revoke) => {
+                        let revoked = vault.revoke(RevokeScope::Session(session.clone()));
+                        if let Some(r) = &held.registry {
+                            r.revoke_session(&SessionId::new(&session));
+                        }
+                        let n = revoked.as_ref().map_or(0, Vec::len);
+                        held.transition(vault, "revoked", format!("{n} lease(s) revoked by zerolease revoke; the agent is offline"));
+                        let _ = write.write_all(format!("ok {n}\n").as_bytes()).await;
+                    }
+                    Some(Control::Destroy) => {
+                        let _ = write.write_all(b"ok\n").await;
+                        return Err(SessionError::Destroyed);
+                    }
+                    None => {
+                        let _ = write.write_all(b"error: unknown command\n").await;
+                    }
+                }
+                continue;
+            }
         };
         match msg {
             GuestMessage::Provisioned {} => {
-                record(
-                    vault,
-                    session,
-                    "running",
-                    "the guest provisioned the agent".into(),
-                );
+                let revoked = held
+                    .record
+                    .as_ref()
+                    .is_some_and(|(_, r)| r.state == "revoked");
+                let state = if revoked { "revoked" } else { "running" };
+                held.transition(vault, state, "the guest provisioned the agent".into());
             }
             GuestMessage::ProvisionFailed { reason } => {
                 return Err(SessionError::Provision(reason));
@@ -530,7 +662,7 @@ async fn serve(
             }
             GuestMessage::Exited { code, signal } => {
                 return Ok(RunOutcome {
-                    session: session.to_owned(),
+                    session: session.clone(),
                     code,
                     signal,
                 });
@@ -540,6 +672,38 @@ async fn serve(
             }
         }
     }
+}
+
+/// Tears down what a session whose `zerolease run` died left behind, from
+/// its record: QEMU (only a process with the session's marker), the jail,
+/// the runtime directory. Its leases are revoked by the caller.
+pub fn reap(home: &StateDir, mut rec: record::SessionRecord) -> Result<(), SessionError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| SessionError::Channel(e.to_string()))?;
+    runtime.block_on(async {
+        if let (Some(pid), Ok(id)) = (rec.qemu_pid, JailId::parse(&rec.id)) {
+            let vm_record = crate::vm::process::VmRecord {
+                session: id,
+                pid,
+                runtime_dir: rec.runtime_dir.clone(),
+            };
+            if let Ok(mut vm) = Vm::for_existing(vm_record) {
+                let _ = vm.kill().await;
+            }
+        }
+        if let Some(j) = rec.jail.clone() {
+            let mut jail = Jail::for_existing(j);
+            if let Err(e) = jail.destroy().await {
+                tracing::warn!("deleting the jail of session {}: {e}", rec.id);
+            }
+        }
+    });
+    let _ = std::fs::remove_dir_all(&rec.runtime_dir);
+    rec.state = "destroyed".into();
+    rec.save(home)
+        .map_err(|e| SessionError::Channel(e.to_string()))
 }
 
 /// The host name part of git's `host` field (`example.com:8443` → `example.com`).

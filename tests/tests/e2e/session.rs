@@ -11,9 +11,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
 use zerolease::clock::SystemClock;
 use zerolease::home::StateDir;
 use zerolease::manifest::Manifest;
+
+use zerolease::session::record::{SessionRecord, control_socket};
 use zerolease::session::{self, RunConfig};
 use zerolease::vault::{
     AgentPattern, AuditFilter, GrantSpec, NewSecret, SecretValue, Vault, VaultConfig,
@@ -50,71 +54,126 @@ fn image_ready() -> bool {
     }
 }
 
+/// Host and upstream namespaces, the HTTPS upstream, a vault with the canary
+/// token leased to agent `e2e`, and a manifest running `script`.
+struct SessionWorld {
+    host: Arc<Netns>,
+    _upstream: Arc<Netns>,
+    server: HttpsServer,
+    dir: tempfile::TempDir,
+    vault: Arc<Vault>,
+    manifest: Manifest,
+}
+
+impl SessionWorld {
+    fn new(script: &str) -> SessionWorld {
+        let host = Netns::new("sh");
+        let upstream = Netns::new("su");
+        host.veth_to("up0", &upstream, "eth0");
+        host.ip(["addr", "add", "198.18.0.1/24", "dev", "up0"]);
+        host.ip(["link", "set", "up0", "up"]);
+        upstream.ip(["addr", "add", "198.18.0.2/24", "dev", "eth0"]);
+        upstream.ip(["link", "set", "eth0", "up"]);
+
+        let ca = TestCa::new(&[API, "other.session.test"]);
+        let server = HttpsServer::start(&upstream, sa(UPSTREAM, 443), &ca, Some(CANARY));
+        let dir = tempfile::tempdir().unwrap();
+        let ca_path = ca.write_ca(dir.path());
+
+        let mut vc = VaultConfig::new(StateDir::at(dir.path().join("home")));
+        vc.durable = false;
+        let vault = Arc::new(Vault::open(vc, Arc::new(SystemClock)).unwrap());
+        vault
+            .add_secret(
+                NewSecret {
+                    name: "api".into(),
+                    kind: "token".into(),
+                    description: String::new(),
+                    domains: vec![API.parse().unwrap()],
+                },
+                SecretValue::new(zeroize::Zeroizing::new(CANARY.as_bytes().to_vec())),
+            )
+            .unwrap();
+        vault
+            .add_grant(GrantSpec {
+                agent: AgentPattern::parse("e2e").unwrap(),
+                secret: "api".into(),
+                domains: vec![API.parse().unwrap()],
+                ttl: Duration::from_secs(600),
+                max_uses: None,
+                renewable: false,
+            })
+            .unwrap();
+
+        let manifest_path = dir.path().join("session.yaml");
+        std::fs::write(
+            &manifest_path,
+            format!(
+                "name: e2e\nimage: minimal\naccel: tcg\ntimeout: 3m\nresources: {{ memory: 384MiB }}\n\
+                 command: {script:?}\n\
+                 credentials:\n  - secret: api\n    inject: [env: API_TOKEN]\n\
+                 ca_certs: [{ca}]\n\
+                 network:\n  overrides: {{ {API}: [198.18.0.2], other.session.test: [198.18.0.2] }}\n  allow_cidrs: [198.18.0.0/24]\n",
+                ca = ca_path.display(),
+            ),
+        )
+        .unwrap();
+        let manifest = Manifest::load(&manifest_path).unwrap_or_else(|e| panic!("{e}"));
+        SessionWorld {
+            host,
+            _upstream: upstream,
+            server,
+            dir,
+            vault,
+            manifest,
+        }
+    }
+
+    fn config(&self) -> RunConfig {
+        RunConfig {
+            home: StateDir::at(self.dir.path().join("home")),
+            images: None,
+            agent: None,
+            command: None,
+            hello_bound: Duration::from_secs(120),
+        }
+    }
+
+    fn home(&self) -> StateDir {
+        StateDir::at(self.dir.path().join("home"))
+    }
+
+    /// Nothing of session `id` is left: no tap, no table, no QEMU, no
+    /// runtime directory.
+    fn assert_no_leftovers(&self, id: &str) {
+        let links = self.host.exec("ip", ["-o", "link", "show"]);
+        assert!(
+            !String::from_utf8_lossy(&links.stdout).contains("zl-"),
+            "a tap is left"
+        );
+        let tables = self.host.exec("nft", ["list", "tables"]);
+        assert!(
+            !String::from_utf8_lossy(&tables.stdout).contains("zl_"),
+            "a table is left"
+        );
+        let qemus = std::process::Command::new("pgrep")
+            .args(["-f", &format!("process=zl-{id}")])
+            .output()
+            .unwrap();
+        assert!(qemus.stdout.is_empty(), "a QEMU is left");
+        assert!(!self.dir.path().join("home/run").join(id).exists());
+    }
+}
+
 #[test]
 fn a_session_runs_the_agent_with_its_lease_and_leaves_nothing() {
     if !require_root_and_tools(&["ip", "nft", "qemu-system-x86_64"]) || !image_ready() {
         return;
     }
-    let host = Netns::new("sh");
-    let upstream = Netns::new("su");
-    host.veth_to("up0", &upstream, "eth0");
-    host.ip(["addr", "add", "198.18.0.1/24", "dev", "up0"]);
-    host.ip(["link", "set", "up0", "up"]);
-    upstream.ip(["addr", "add", "198.18.0.2/24", "dev", "eth0"]);
-    upstream.ip(["link", "set", "eth0", "up"]);
-
-    let ca = TestCa::new(&[API, "other.session.test"]);
-    let server = HttpsServer::start(&upstream, sa(UPSTREAM, 443), &ca, Some(CANARY));
-    let dir = tempfile::tempdir().unwrap();
-    let ca_path = ca.write_ca(dir.path());
-
-    let mut vc = VaultConfig::new(StateDir::at(dir.path().join("home")));
-    vc.durable = false;
-    let vault = Arc::new(Vault::open(vc, Arc::new(SystemClock)).unwrap());
-    vault
-        .add_secret(
-            NewSecret {
-                name: "api".into(),
-                kind: "token".into(),
-                description: String::new(),
-                domains: vec![API.parse().unwrap()],
-            },
-            SecretValue::new(zeroize::Zeroizing::new(CANARY.as_bytes().to_vec())),
-        )
-        .unwrap();
-    vault
-        .add_grant(GrantSpec {
-            agent: AgentPattern::parse("e2e").unwrap(),
-            secret: "api".into(),
-            domains: vec![API.parse().unwrap()],
-            ttl: Duration::from_secs(600),
-            max_uses: None,
-            renewable: false,
-        })
-        .unwrap();
-
-    let manifest_path = dir.path().join("session.yaml");
-    std::fs::write(
-        &manifest_path,
-        format!(
-            "name: e2e\nimage: minimal\naccel: tcg\ntimeout: 3m\nresources: {{ memory: 384MiB }}\n\
-             command: {script:?}\n\
-             credentials:\n  - secret: api\n    inject: [env: API_TOKEN]\n\
-             ca_certs: [{ca}]\n\
-             network:\n  overrides: {{ {API}: [198.18.0.2], other.session.test: [198.18.0.2] }}\n  allow_cidrs: [198.18.0.0/24]\n",
-            script = SCRIPT,
-            ca = ca_path.display(),
-        ),
-    )
-    .unwrap();
-    let manifest = Manifest::load(&manifest_path).unwrap_or_else(|e| panic!("{e}"));
-    let config = RunConfig {
-        home: StateDir::at(dir.path().join("home")),
-        images: None,
-        agent: None,
-        command: None,
-        hello_bound: Duration::from_secs(120),
-    };
+    let w = SessionWorld::new(SCRIPT);
+    let (host, server, dir, vault) = (&w.host, &w.server, &w.dir, &w.vault);
+    let manifest = w.manifest.clone();
+    let config = w.config();
 
     let started = Instant::now();
     let (outcome, out, err) = host.block_on(|| async {
@@ -207,4 +266,104 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+/// `zerolease revoke` (over the session's control socket, as the CLI does)
+/// during a long download in the VM cuts it at once; `zerolease destroy`
+/// then tears the session down and leaves nothing.
+#[test]
+fn revoke_cuts_a_running_download_and_destroy_leaves_nothing() {
+    if !require_root_and_tools(&["ip", "nft", "qemu-system-x86_64"]) || !image_ready() {
+        return;
+    }
+    let script = "curl -sS -o /dev/null https://api.session.test/slow/500000000; echo download-exit=$?; sleep 300";
+    let w = SessionWorld::new(script);
+    let (vault, manifest, config, home) =
+        (w.vault.clone(), w.manifest.clone(), w.config(), w.home());
+    let host = w.host.clone();
+    let runner = std::thread::spawn(move || {
+        host.block_on(|| async move {
+            let mut out = Vec::new();
+            let mut err = Vec::new();
+            let r = session::run(vault, manifest, config, &mut out, &mut err).await;
+            (r, String::from_utf8_lossy(&out).into_owned())
+        })
+    });
+
+    // Wait until the download runs through the proxy.
+    let deadline = Instant::now() + Duration::from_secs(150);
+    let record = loop {
+        assert!(Instant::now() < deadline, "the download never started");
+        let opened = w
+            .vault
+            .audit_list(AuditFilter::default())
+            .unwrap()
+            .iter()
+            .any(|r| r.record.event == "tunnel_opened");
+        if opened && w.server.requests() >= 1 {
+            break SessionRecord::all(&home).pop().expect("a session record");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        w.server.closed().is_empty(),
+        "the download ended on its own"
+    );
+
+    let ask = |what: &str| {
+        let mut s = UnixStream::connect(control_socket(&record.runtime_dir)).unwrap();
+        writeln!(s, "{what}").unwrap();
+        let mut answer = String::new();
+        BufReader::new(&s).read_line(&mut answer).unwrap();
+        answer
+    };
+    let t = Instant::now();
+    assert!(ask("revoke").starts_with("ok 1"));
+    let returned = t.elapsed();
+    let cut = loop {
+        if let Some(at) = w.server.closed().first() {
+            break at.duration_since(t);
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the download was not cut"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    eprintln!(
+        "TIMING revoke call {returned:?}; upstream connection closed {cut:?} after the revoke was sent"
+    );
+    assert!(cut < Duration::from_secs(1), "cut after {cut:?}");
+    let record_now = SessionRecord::load(&home, &record.id).unwrap();
+    assert_eq!(record_now.state, "revoked");
+
+    // Let curl's exit reach us before the session goes.
+    std::thread::sleep(Duration::from_secs(2));
+    let t = Instant::now();
+    assert!(ask("destroy").starts_with("ok"));
+    let (result, out) = runner.join().unwrap();
+    eprintln!(
+        "TIMING destroy to teardown: {:?}\n--- stdout\n{out}",
+        t.elapsed()
+    );
+    assert!(
+        matches!(result, Err(session::SessionError::Destroyed)),
+        "{result:?}"
+    );
+    assert!(out.contains("download-exit="), "{out}");
+    assert!(!out.contains("download-exit=0"), "{out}");
+    w.assert_no_leftovers(&record.id);
+    assert_eq!(
+        SessionRecord::load(&home, &record.id).unwrap().state,
+        "destroyed"
+    );
+    let revoked = w
+        .vault
+        .audit_list(AuditFilter::default())
+        .unwrap()
+        .iter()
+        .filter(|r| r.record.event == "lease_revoked")
+        .count();
+    assert_eq!(revoked, 1);
 }
