@@ -37,9 +37,39 @@ curl -sS -H "Authorization: Bearer $API_TOKEN" https://api.session.test/auth
 echo "unleased=$(curl -s -o /dev/null -w '%{http_connect}' --max-time 5 https://other.session.test/hello; echo rc$?)"
 echo "direct=$(curl -s -o /dev/null --noproxy '*' --max-time 5 -k https://198.18.0.2/hello; echo rc$?)"
 echo "udp=$(echo x | nc -u -w 2 198.18.0.2 53 >/dev/null 2>&1; nslookup -timeout=2 example.com 198.18.0.2 >/dev/null 2>&1; echo rc$?)"
-env | grep -c API_TOKEN
+echo "file=$(stat -c '%a %U' .config/api/token.conf) $(sha256sum .config/api/token.conf | cut -d' ' -f1)"
+echo "pwned=$(ls /tmp/pwned /tmp/pwned2 2>/dev/null | wc -l)"
 exit 7
 "#;
+
+/// The session's manifest; `@SCRIPT@` and `@CA@` are filled in. The file
+/// template holds quotes, `$(...)` and backticks, which must arrive as
+/// written, never run.
+const MANIFEST: &str = r#"
+name: e2e
+image: minimal
+accel: tcg
+timeout: 3m
+resources: { memory: 384MiB }
+command: @SCRIPT@
+credentials:
+  - secret: api
+    inject:
+      - env: API_TOKEN
+      - file:
+          path: .config/api/token.conf
+          mode: 0600
+          template: "token = \"${SECRET}\"\n# $(touch /tmp/pwned) `touch /tmp/pwned2`\n"
+ca_certs: [@CA@]
+network:
+  overrides: { api.session.test: [198.18.0.2], other.session.test: [198.18.0.2] }
+  allow_cidrs: [198.18.0.0/24]
+"#;
+
+/// What the templated file must hold, byte for byte.
+fn expected_file() -> String {
+    format!("token = \"{CANARY}\"\n# $(touch /tmp/pwned) `touch /tmp/pwned2`\n")
+}
 
 fn image_ready() -> bool {
     match zerolease::image::verify_named("minimal", None) {
@@ -106,18 +136,10 @@ impl SessionWorld {
             .unwrap();
 
         let manifest_path = dir.path().join("session.yaml");
-        std::fs::write(
-            &manifest_path,
-            format!(
-                "name: e2e\nimage: minimal\naccel: tcg\ntimeout: 3m\nresources: {{ memory: 384MiB }}\n\
-                 command: {script:?}\n\
-                 credentials:\n  - secret: api\n    inject: [env: API_TOKEN]\n\
-                 ca_certs: [{ca}]\n\
-                 network:\n  overrides: {{ {API}: [198.18.0.2], other.session.test: [198.18.0.2] }}\n  allow_cidrs: [198.18.0.0/24]\n",
-                ca = ca_path.display(),
-            ),
-        )
-        .unwrap();
+        let text = MANIFEST
+            .replace("@SCRIPT@", &format!("{script:?}"))
+            .replace("@CA@", &ca_path.display().to_string());
+        std::fs::write(&manifest_path, text).unwrap();
         let manifest = Manifest::load(&manifest_path).unwrap_or_else(|e| panic!("{e}"));
         SessionWorld {
             host,
@@ -198,6 +220,13 @@ fn a_session_runs_the_agent_with_its_lease_and_leaves_nothing() {
     assert!(out.contains("unleased=403rc56"), "{out}");
     assert!(!out.contains("direct=rc0"), "{out}");
     assert!(!out.contains("udp=rc0"), "{out}");
+    // The templated file is byte-exact, 0600, the agent's; nothing in it ran.
+    let digest = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(expected_file().as_bytes()))
+    };
+    assert!(out.contains(&format!("file=600 agent {digest}")), "{out}");
+    assert!(out.contains("pwned=0"), "{out}");
     // The agent's exit code comes out.
     assert_eq!(outcome.code, Some(7));
 
@@ -366,4 +395,48 @@ fn revoke_cuts_a_running_download_and_destroy_leaves_nothing() {
         .filter(|r| r.record.event == "lease_revoked")
         .count();
     assert_eq!(revoked, 1);
+}
+
+/// An image whose initramfs changed after it was sealed is refused before
+/// anything is built: no lease, no jail, no VM.
+#[test]
+fn a_tampered_image_is_refused_before_anything_is_built() {
+    if !require_root_and_tools(&["ip", "nft"]) || !image_ready() {
+        return;
+    }
+    let w = SessionWorld::new("true");
+    let images = tempfile::tempdir().unwrap();
+    let src = zerolease::image::verify_named("minimal", None).unwrap().dir;
+    let copy = images.path().join("minimal");
+    std::fs::create_dir(&copy).unwrap();
+    for f in ["vmlinuz", "initramfs.cpio.gz", "image.json"] {
+        std::fs::copy(src.join(f), copy.join(f)).unwrap();
+    }
+    let mut bytes = std::fs::read(copy.join("initramfs.cpio.gz")).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(copy.join("initramfs.cpio.gz"), bytes).unwrap();
+
+    let mut config = w.config();
+    config.images = Some(images.path().to_owned());
+    let (vault, manifest) = (w.vault.clone(), w.manifest.clone());
+    let result = w.host.block_on(|| async move {
+        session::run(vault, manifest, config, &mut Vec::new(), &mut Vec::new()).await
+    });
+    let err = result.unwrap_err();
+    assert!(matches!(err, session::SessionError::Image(_)), "{err}");
+    assert!(
+        err.to_string().contains("does not match image.json"),
+        "{err}"
+    );
+    let events: Vec<String> = w
+        .vault
+        .audit_list(AuditFilter::default())
+        .unwrap()
+        .into_iter()
+        .map(|r| r.record.event)
+        .collect();
+    assert!(!events.iter().any(|e| e == "lease_granted"), "{events:?}");
+    let links = w.host.exec("ip", ["-o", "link", "show"]);
+    assert!(!String::from_utf8_lossy(&links.stdout).contains("zl-"));
 }
