@@ -88,6 +88,19 @@ impl HttpsServer {
         ca: &TestCa,
         token: Option<&str>,
     ) -> HttpsServer {
+        HttpsServer::start_with_git(ns, addr, ca, token, None)
+    }
+
+    /// Also serves the bare repositories under `git_root` at `/git/…`
+    /// through `git http-backend` (smart HTTP), to clients that authenticate
+    /// with HTTP Basic and `token` as the password.
+    pub fn start_with_git(
+        ns: &Arc<Netns>,
+        addr: SocketAddr,
+        ca: &TestCa,
+        token: Option<&str>,
+        git_root: Option<std::path::PathBuf>,
+    ) -> HttpsServer {
         let stop = CancellationToken::new();
         let requests = Arc::new(AtomicU64::new(0));
         let connections = Arc::new(AtomicU64::new(0));
@@ -108,19 +121,20 @@ impl HttpsServer {
                             r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
                         };
                         connections.fetch_add(1, Ordering::SeqCst);
-                        let (acceptor, token, requests, stop, closed) = (
+                        let (acceptor, token, requests, stop, closed, git_root) = (
                             acceptor.clone(),
                             token.clone(),
                             requests.clone(),
                             stop.clone(),
                             closed.clone(),
+                            git_root.clone(),
                         );
                         tokio::spawn(async move {
                             if let Ok(tls) = acceptor.accept(sock).await {
                                 requests.fetch_add(1, Ordering::SeqCst);
                                 tokio::select! {
                                     _ = stop.cancelled() => {}
-                                    _ = serve(tls, token.as_deref()) => {}
+                                    _ = serve(tls, token.as_deref(), git_root.as_deref()) => {}
                                 }
                             }
                             // The socket is dropped here: the connection is over.
@@ -177,6 +191,7 @@ impl Drop for HttpsServer {
 async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     mut s: S,
     token: Option<&str>,
+    git_root: Option<&Path>,
 ) {
     let mut head = Vec::new();
     let mut buf = [0u8; 2048];
@@ -204,6 +219,10 @@ async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
         })
         .unwrap_or_default();
     let n_of = |p: &str| p.parse::<u64>().unwrap_or(0);
+    if let (Some(root), true) = (git_root, path.starts_with("/git/")) {
+        git_cgi(&mut s, &head, token, root).await;
+        return;
+    }
     match path.as_str() {
         "/hello" => respond(&mut s, 200, b"hello from upstream\n").await,
         "/auth" => match token {
@@ -246,4 +265,152 @@ async fn stream<S: tokio::io::AsyncWrite + Unpin>(s: &mut S, n: u64, pace: Optio
         }
     }
     let _ = s.shutdown().await;
+}
+
+/// One smart-HTTP request through `git http-backend` (CGI), behind HTTP
+/// Basic authentication with `token` as the password.
+async fn git_cgi<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    s: &mut S,
+    head: &[u8],
+    token: Option<&str>,
+    root: &Path,
+) {
+    use base64::Engine;
+    let end = head
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(head.len())
+        + 4;
+    let text = String::from_utf8_lossy(&head[..end.min(head.len())]).into_owned();
+    let mut lines = text.split("\r\n");
+    let mut first = lines.next().unwrap_or_default().split(' ');
+    let method = first.next().unwrap_or("GET").to_owned();
+    let target = first.next().unwrap_or("/").to_owned();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            Some((k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        })
+        .collect();
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    let authorized_user = header("authorization").and_then(|a| {
+        let b64 = a.strip_prefix("Basic ")?;
+        let raw = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+        let raw = String::from_utf8(raw).ok()?;
+        let (user, pass) = raw.split_once(':')?;
+        (Some(pass) == token).then(|| user.to_owned())
+    });
+    let Some(user) = authorized_user else {
+        let body = b"authentication required\n";
+        let head = format!(
+            "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"git\"\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        let _ = s.write_all(head.as_bytes()).await;
+        let _ = s.write_all(body).await;
+        let _ = s.shutdown().await;
+        return;
+    };
+    // The request body: what came with the head, then the rest.
+    let mut body = head[end.min(head.len())..].to_vec();
+    let chunked = header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
+    let mut buf = [0u8; 16 * 1024];
+    if chunked {
+        while !body.windows(5).any(|w| w == b"0\r\n\r\n") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => body.extend_from_slice(&buf[..n]),
+            }
+        }
+        body = dechunk(&body);
+    } else {
+        let len: usize = header("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        while body.len() < len {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => body.extend_from_slice(&buf[..n]),
+            }
+        }
+        body.truncate(len);
+    }
+    let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+    let mut cmd = tokio::process::Command::new("git");
+    cmd.arg("http-backend")
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("GIT_PROJECT_ROOT", root)
+        .env("GIT_HTTP_EXPORT_ALL", "1")
+        .env("PATH_INFO", path.strip_prefix("/git").unwrap_or(path))
+        .env("QUERY_STRING", query)
+        .env("REQUEST_METHOD", &method)
+        .env("CONTENT_TYPE", header("content-type").unwrap_or_default())
+        .env("CONTENT_LENGTH", body.len().to_string())
+        .env("REMOTE_USER", &user)
+        .env("REMOTE_ADDR", "198.18.0.1")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    if let Some(enc) = header("content-encoding") {
+        cmd.env("HTTP_CONTENT_ENCODING", enc);
+    }
+    let Ok(mut child) = cmd.spawn() else { return };
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(&body).await;
+    }
+    let Ok(out) = child.wait_with_output().await else {
+        return;
+    };
+    let cgi = out.stdout;
+    let split = cgi
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| (p, 4))
+        .or_else(|| cgi.windows(2).position(|w| w == b"\n\n").map(|p| (p, 2)));
+    let Some((at, sep)) = split else { return };
+    let cgi_head = String::from_utf8_lossy(&cgi[..at]).into_owned();
+    let cgi_body = &cgi[at + sep..];
+    let mut status = "200 OK".to_owned();
+    let mut response = String::new();
+    for l in cgi_head.lines() {
+        match l.split_once(':') {
+            Some((k, v)) if k.eq_ignore_ascii_case("status") => status = v.trim().to_owned(),
+            Some(_) => {
+                response.push_str(l.trim_end());
+                response.push_str("\r\n");
+            }
+            None => {}
+        }
+    }
+    let head = format!(
+        "HTTP/1.1 {status}\r\n{response}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        cgi_body.len()
+    );
+    let _ = s.write_all(head.as_bytes()).await;
+    let _ = s.write_all(cgi_body).await;
+    let _ = s.shutdown().await;
+}
+
+/// Decodes an HTTP/1.1 chunked body.
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = data.windows(2).position(|w| w == b"\r\n") {
+        let size = std::str::from_utf8(&data[..eol])
+            .ok()
+            .and_then(|l| usize::from_str_radix(l.split(';').next().unwrap_or("").trim(), 16).ok())
+            .unwrap_or(0);
+        data = &data[eol + 2..];
+        if size == 0 || data.len() < size {
+            break;
+        }
+        out.extend_from_slice(&data[..size]);
+        data = &data[(size + 2).min(data.len())..];
+    }
+    out
 }

@@ -39,6 +39,9 @@ echo "direct=$(curl -s -o /dev/null --noproxy '*' --max-time 5 -k https://198.18
 echo "udp=$(echo x | nc -u -w 2 198.18.0.2 53 >/dev/null 2>&1; nslookup -timeout=2 example.com 198.18.0.2 >/dev/null 2>&1; echo rc$?)"
 echo "file=$(stat -c '%a %U' .config/api/token.conf) $(sha256sum .config/api/token.conf | cut -d' ' -f1)"
 echo "pwned=$(ls /tmp/pwned /tmp/pwned2 2>/dev/null | wc -l)"
+git clone -q https://api.session.test/git/repo.git r && cd r && git -c user.name=vm -c user.email=vm@example.invalid commit -q --allow-empty -m from-vm && git push -q origin HEAD && echo git=push-ok
+cd /home/agent
+git ls-remote https://open.session.test/git/repo.git >/dev/null 2>&1; echo "git-unleased=rc$?"
 exit 7
 "#;
 
@@ -56,19 +59,76 @@ credentials:
   - secret: api
     inject:
       - env: API_TOKEN
+      - git_credential: {}
       - file:
           path: .config/api/token.conf
           mode: 0600
           template: "token = \"${SECRET}\"\n# $(touch /tmp/pwned) `touch /tmp/pwned2`\n"
+allow:
+  - domain: open.session.test
 ca_certs: [@CA@]
 network:
-  overrides: { api.session.test: [198.18.0.2], other.session.test: [198.18.0.2] }
+  overrides: { api.session.test: [198.18.0.2], other.session.test: [198.18.0.2], open.session.test: [198.18.0.2] }
   allow_cidrs: [198.18.0.0/24]
 "#;
 
 /// What the templated file must hold, byte for byte.
 fn expected_file() -> String {
     format!("token = \"{CANARY}\"\n# $(touch /tmp/pwned) `touch /tmp/pwned2`\n")
+}
+
+/// A bare repository `repo.git` under `root` with one commit.
+fn seed_repo(root: &std::path::Path) {
+    let git = |args: &[&str], dir: &std::path::Path| {
+        let out = std::process::Command::new("git")
+            .args(args)
+            .current_dir(dir)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("HOME", dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    std::fs::create_dir_all(root).unwrap();
+    git(&["init", "-q", "--bare", "-b", "main", "repo.git"], root);
+    let work = root.join("seed");
+    std::fs::create_dir_all(&work).unwrap();
+    git(&["init", "-q", "-b", "main"], &work);
+    std::fs::write(work.join("README"), "seed\n").unwrap();
+    git(&["add", "README"], &work);
+    git(
+        &[
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@example.invalid",
+            "commit",
+            "-q",
+            "-m",
+            "seed",
+        ],
+        &work,
+    );
+    git(&["push", "-q", "../repo.git", "main"], &work);
+}
+
+fn last_commit(root: &std::path::Path) -> String {
+    let out = std::process::Command::new("git")
+        .args([
+            "-C",
+            &root.join("git/repo.git").display().to_string(),
+            "log",
+            "-1",
+            "--format=%s",
+            "main",
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 fn image_ready() -> bool {
@@ -105,9 +165,17 @@ impl SessionWorld {
         upstream.ip(["addr", "add", "198.18.0.2/24", "dev", "eth0"]);
         upstream.ip(["link", "set", "eth0", "up"]);
 
-        let ca = TestCa::new(&[API, "other.session.test"]);
-        let server = HttpsServer::start(&upstream, sa(UPSTREAM, 443), &ca, Some(CANARY));
+        let ca = TestCa::new(&[API, "other.session.test", "open.session.test"]);
         let dir = tempfile::tempdir().unwrap();
+        let git_root = dir.path().join("git");
+        seed_repo(&git_root);
+        let server = HttpsServer::start_with_git(
+            &upstream,
+            sa(UPSTREAM, 443),
+            &ca,
+            Some(CANARY),
+            Some(git_root),
+        );
         let ca_path = ca.write_ca(dir.path());
 
         let mut vc = VaultConfig::new(StateDir::at(dir.path().join("home")));
@@ -227,6 +295,11 @@ fn a_session_runs_the_agent_with_its_lease_and_leaves_nothing() {
     };
     assert!(out.contains(&format!("file=600 agent {digest}")), "{out}");
     assert!(out.contains("pwned=0"), "{out}");
+    // git over HTTPS through the credential helper: clone and push work for
+    // the leased host; a reachable host without a git lease gets nothing.
+    assert!(out.contains("git=push-ok"), "{out}\n{err}");
+    assert_eq!(last_commit(dir.path()), "from-vm");
+    assert!(out.contains("git-unleased=rc128"), "{out}");
     // The agent's exit code comes out.
     assert_eq!(outcome.code, Some(7));
 
