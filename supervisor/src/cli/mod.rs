@@ -858,6 +858,9 @@ fn run_session(
         command: (!command.is_empty()).then_some(command),
         hello_bound: parse_duration(hello_timeout).map_err(VaultError::Invalid)?,
     };
+    for id in crate::session::reap_orphans(&vault, &config.home) {
+        eprintln!("reaped session `{id}`, left behind by a zerolease run that died");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

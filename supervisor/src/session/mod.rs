@@ -674,6 +674,36 @@ async fn serve(
     }
 }
 
+/// Finds sessions whose `zerolease run` died (their record is not finished
+/// and its process is gone) and reaps them: leases revoked, QEMU, jail and
+/// runtime directory removed. Called when a new session starts, so a
+/// restarted supervisor cleans up after a killed one. Returns their ids.
+pub fn reap_orphans(vault: &Vault, home: &StateDir) -> Vec<String> {
+    let mut reaped = Vec::new();
+    for rec in record::SessionRecord::all(home) {
+        if rec.is_finished() || rec.supervisor_alive() {
+            continue;
+        }
+        let id = rec.id.clone();
+        if let Err(e) = vault.revoke(RevokeScope::Session(id.clone())) {
+            tracing::warn!("revoking the leases of orphaned session {id}: {e}");
+        }
+        match reap(home, rec) {
+            Ok(()) => {
+                record(
+                    vault,
+                    &id,
+                    "destroyed",
+                    "reaped: its zerolease run had died".into(),
+                );
+                reaped.push(id);
+            }
+            Err(e) => tracing::warn!("reaping orphaned session {id}: {e}"),
+        }
+    }
+    reaped
+}
+
 /// Tears down what a session whose `zerolease run` died left behind, from
 /// its record: QEMU (only a process with the session's marker), the jail,
 /// the runtime directory. Its leases are revoked by the caller.

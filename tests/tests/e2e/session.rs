@@ -513,3 +513,87 @@ fn a_tampered_image_is_refused_before_anything_is_built() {
     let links = w.host.exec("ip", ["-o", "link", "show"]);
     assert!(!String::from_utf8_lossy(&links.stdout).contains("zl-"));
 }
+
+/// A supervisor that was killed leaves its jail and leases; the next one
+/// finds the session by its record and reaps it.
+#[test]
+fn a_dead_supervisors_session_is_reaped() {
+    if !require_root_and_tools(&["ip", "nft"]) {
+        return;
+    }
+    let w = SessionWorld::new("true");
+    let home = w.home();
+    let id = zerolease::jail::JailId::parse("dead0orphan").unwrap();
+    let jail = w.host.block_on(|| async {
+        zerolease::jail::Jail::create(zerolease::jail::JailConfig {
+            id: id.clone(),
+            link: zerolease::jail::Link::Tap {
+                owner: nix::unistd::Uid::effective(),
+            },
+            pool: zerolease::jail::DEFAULT_POOL.parse().unwrap(),
+            ports: session::PORTS,
+            dns_port: None,
+        })
+        .await
+        .unwrap()
+        .into_record()
+    });
+    let lease = w
+        .vault
+        .grant(zerolease::vault::LeaseRequest {
+            agent: "e2e".into(),
+            session: id.as_str().into(),
+            secret: "api".into(),
+            ask: Default::default(),
+        })
+        .unwrap();
+    // The pid of a process that is gone.
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let runtime_dir = w.dir.path().join("home/run").join(id.as_str());
+    std::fs::create_dir_all(&runtime_dir).unwrap();
+    SessionRecord {
+        id: id.as_str().into(),
+        name: "e2e".into(),
+        image: "minimal".into(),
+        pid: dead,
+        started: w.vault.now(),
+        state: "running".into(),
+        runtime_dir: runtime_dir.clone(),
+        jail: Some(jail),
+        qemu_pid: None,
+        exit_code: None,
+    }
+    .save(&home)
+    .unwrap();
+    let links = w.host.exec("ip", ["-o", "link", "show"]);
+    assert!(String::from_utf8_lossy(&links.stdout).contains("zl-dead0orphan"));
+
+    let vault = w.vault.clone();
+    let reaped = w.host.run(|| session::reap_orphans(&vault, &home));
+    assert_eq!(reaped, vec!["dead0orphan".to_owned()]);
+    let links = w.host.exec("ip", ["-o", "link", "show"]);
+    assert!(
+        !String::from_utf8_lossy(&links.stdout).contains("zl-"),
+        "the tap is left"
+    );
+    let tables = w.host.exec("nft", ["list", "tables"]);
+    assert!(
+        !String::from_utf8_lossy(&tables.stdout).contains("zl_"),
+        "the table is left"
+    );
+    assert!(!runtime_dir.exists());
+    assert!(w.vault.get_lease(&lease.id.0).unwrap().revoked.is_some());
+    assert_eq!(
+        SessionRecord::load(&home, "dead0orphan").unwrap().state,
+        "destroyed"
+    );
+    // A second pass finds nothing more to do.
+    let vault = w.vault.clone();
+    assert!(
+        w.host
+            .run(|| session::reap_orphans(&vault, &home))
+            .is_empty()
+    );
+}
