@@ -48,9 +48,10 @@ impl Timestamp {
     }
 }
 
+/// JSON carries milliseconds, so scripts can time phases from records.
 impl serde::Serialize for Timestamp {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.rfc3339())
+        s.collect_str(&humantime::format_rfc3339_millis(self.to_system_time()))
     }
 }
 
