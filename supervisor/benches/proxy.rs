@@ -152,7 +152,8 @@ fn nofile_limit() -> u64 {
         .unwrap_or(0)
 }
 
-/// Reads everything, then answers with the byte count.
+/// Reads a big-endian u64 length, then that many bytes, then answers with
+/// the count. (No half-close: squid ends the whole tunnel on the first FIN.)
 async fn sink(port: u16) -> SocketAddr {
     let l = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -160,13 +161,21 @@ async fn sink(port: u16) -> SocketAddr {
         while let Ok((mut s, _)) = l.accept().await {
             tokio::spawn(async move {
                 let _ = s.set_nodelay(true);
+                let mut len = [0u8; 8];
+                if s.read_exact(&mut len).await.is_err() {
+                    return;
+                }
+                let mut left = u64::from_be_bytes(len);
                 let mut buf = vec![0u8; 256 * 1024];
                 let mut total = 0u64;
-                loop {
-                    match s.read(&mut buf).await {
-                        Ok(0) => break,
-                        Ok(n) => total += n as u64,
-                        Err(_) => return,
+                while left > 0 {
+                    let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                    match s.read(&mut buf[..want]).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            total += n as u64;
+                            left -= n as u64;
+                        }
                     }
                 }
                 let _ = s.write_all(&total.to_be_bytes()).await;
@@ -308,13 +317,13 @@ async fn tunnel(via: SocketAddr, target: &str) -> TcpStream {
 async fn push(mut s: TcpStream, bytes: usize) -> Duration {
     let chunk = vec![0xa5u8; 256 * 1024];
     let start = Instant::now();
+    s.write_all(&(bytes as u64).to_be_bytes()).await.unwrap();
     let mut left = bytes;
     while left > 0 {
         let n = left.min(chunk.len());
         s.write_all(&chunk[..n]).await.unwrap();
         left -= n;
     }
-    s.shutdown().await.unwrap();
     let mut ack = [0u8; 8];
     s.read_exact(&mut ack).await.unwrap();
     assert_eq!(u64::from_be_bytes(ack), bytes as u64);
