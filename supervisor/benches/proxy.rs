@@ -10,14 +10,16 @@
 //!   returning to each client seeing EOF or a reset, against the same streams
 //!   opened directly and aborted by the source itself;
 //! - idle tunnel memory: `ZEROLEASE_BENCH_IDLE` (default 10,000) idle
-//!   tunnels, the growth of this process's RSS divided by the count, each
-//!   measured in a fresh child process, against as many idle direct
-//!   connections.
+//!   tunnels held by a proxy in a child process, the growth of that
+//!   process's RSS (VmRSS) divided by the count, against a plain server child
+//!   holding as many accepted idle connections. Kernel socket memory is not
+//!   in RSS. The proxy holds four descriptors per tunnel (two sockets, two
+//!   duplicates for the registry), so the count is capped to what
+//!   RLIMIT_NOFILE allows, and the output says so.
 //!
 //! Squid runs only when `ZEROLEASE_BENCH_SQUID=127.0.0.1:PORT` names one that
 //! allows CONNECT to `127.0.0.1:ZEROLEASE_BENCH_UPSTREAM_PORT` (the sink's
-//! port); `scripts/bench proxy` starts one. The idle test needs about six
-//! descriptors per tunnel (`ulimit -n`).
+//! port); `scripts/bench proxy` starts one.
 //!
 //! Run: `scripts/bench proxy [--json]`, or `cargo bench -p zerolease --bench
 //! proxy [-- --json]` without squid.
