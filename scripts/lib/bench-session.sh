@@ -1,0 +1,121 @@
+# The session benchmark, sourced by scripts/bench. Needs root (namespaces,
+# a tap, nftables). Everything happens in a network namespace it creates.
+#
+# Baseline: a bare QEMU boot of the same kernel and initramfs, with the same
+# machine, accelerator (TCG) and memory, straight to init — busybox powering
+# off at once — timed from spawn to exit. Against it: `zerolease run` of a
+# session whose command is `true`, timed from the process start to each
+# phase from the session's own audit records (millisecond timestamps):
+# created (vault open, image verified), booting (leases granted), guest hello
+# (jail, proxy, QEMU, kernel, guest agent up), command started (provisioned),
+# and teardown (stopping to destroyed). The supervisor's overhead is the time
+# to the command minus the bare boot. Memory: the RSS of `zerolease run`
+# while its session idles (QEMU, which holds the guest's RAM, not counted).
+
+bench_session_runs=${ZEROLEASE_BENCH_SESSION_RUNS:-3}
+
+ms_now() { echo $(( $(date +%s%N) / 1000000 )); }
+
+# median of the arguments
+median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
+emit() { # metric value unit baseline_metric baseline
+    local ratio
+    ratio=$(awk -v v="$2" -v b="$5" 'BEGIN { if (b > 0) printf "%.3f", v / b; else print "null" }')
+    if [ ${#json[@]} -gt 0 ]; then
+        printf '{"metric":"%s","value":%s,"unit":"%s","baseline":%s,"baseline_metric":"%s","ratio":%s}\n' \
+            "$1" "$2" "$3" "$5" "$4" "$ratio"
+    else
+        printf '%-36s %10s %-4s %-26s %10s %8s\n' "$1" "$2" "$3" "$4" "$5" "$ratio"
+    fi
+}
+
+run_session_bench() {
+    [ "$(id -u)" -eq 0 ] || die "the session benchmark boots VMs behind a jail: run it as root"
+    ensure_packages jq qemu-system-x86 nftables iproute2 busybox-static cpio gzip kmod curl git file
+    log "building zerolease (release) and the minimal image"
+    cargo build --quiet --release --bin zerolease
+    scripts/build-image minimal >&2
+    local zl="$ZL_ROOT/target/release/zerolease" img="$ZL_ROOT/images/out/minimal"
+    local tmp ns
+    tmp="$(mktemp -d -t zerolease-bench.XXXXXX)"
+    ns="zl-bench-$$"
+    ip netns add "$ns"
+    ip -n "$ns" link set lo up
+    trap 'ip netns del "'"$ns"'" 2>/dev/null; rm -rf "'"$tmp"'"' EXIT
+
+    log "baseline: bare QEMU boot of the same kernel and initramfs to init ($bench_session_runs runs)"
+    local bare=() t0 t1
+    for _ in $(seq "$bench_session_runs"); do
+        t0=$(ms_now)
+        qemu-system-x86_64 -accel tcg -machine q35 -cpu max -m 512 -nodefaults -no-user-config \
+            -display none -no-reboot -serial none \
+            -kernel "$img/vmlinuz" -initrd "$img/initramfs.cpio.gz" \
+            -append "console=ttyS0 quiet panic=-1 rdinit=/bin/busybox -- poweroff -f" >/dev/null 2>&1
+        t1=$(ms_now)
+        bare+=($((t1 - t0)))
+    done
+
+    export ZEROLEASE_HOME="$tmp/home"
+    cat >"$tmp/bench.yaml" <<EOM
+name: bench
+image: minimal
+accel: tcg
+resources: { memory: 512MiB }
+command: ["true"]
+EOM
+    log "zerolease run, command \`true\` ($bench_session_runs runs)"
+    local to_cmd=() teardown=() hello=() provision=() prep=() id start
+    for _ in $(seq "$bench_session_runs"); do
+        start=$(ms_now)
+        ip netns exec "$ns" "$zl" run "$tmp/bench.yaml" >/dev/null 2>&1 || die "the benchmark session failed"
+        id=$("$zl" --json audit ls | jq -r '[.[] | select(.event == "session_transition")] | last | .session')
+        phase() { "$zl" --json audit ls --session "$id" | jq -r --arg p "$1" \
+            '[.[] | select(.event == "session_transition") | select(.detail | startswith($p + ":"))][0].time' |
+            python3 -c 'import sys,datetime; t=sys.stdin.read().strip(); print(int(datetime.datetime.fromisoformat(t.replace("Z","+00:00")).timestamp()*1000))'; }
+        local b p r s d
+        b=$(phase booting); p=$(phase provisioning); r=$(phase running)
+        s=$(phase stopping); d=$(phase destroyed)
+        prep+=($((b - start)))
+        hello+=($((p - b)))
+        provision+=($((r - p)))
+        to_cmd+=($((r - start)))
+        teardown+=($((d - s)))
+    done
+    local bare_m cmd_m
+    bare_m=$(median "${bare[@]}")
+    cmd_m=$(median "${to_cmd[@]}")
+
+    log "idle session memory"
+    cat >"$tmp/idle.yaml" <<EOM
+name: bench
+image: minimal
+accel: tcg
+resources: { memory: 512MiB }
+command: ["sleep", "20"]
+EOM
+    ip netns exec "$ns" "$zl" run "$tmp/idle.yaml" >/dev/null 2>&1 &
+    local runpid=$! rss=0 qrss=0 q
+    for _ in $(seq 60); do
+        q=$(pgrep -f 'process=zl-' | head -1 || true)
+        if [ -n "$q" ] && "$zl" --json ps | jq -e '.[0].state == "running"' >/dev/null 2>&1; then
+            sleep 2
+            rss=$(awk '/VmRSS/ {print $2}' "/proc/$(pgrep -f "zerolease run $tmp/idle.yaml" | head -1)/status" 2>/dev/null || echo 0)
+            qrss=$(awk '/VmRSS/ {print $2}' "/proc/$q/status" 2>/dev/null || echo 0)
+            break
+        fi
+        sleep 0.5
+    done
+    wait "$runpid" || true
+
+    if [ ${#json[@]} -eq 0 ]; then
+        printf '%-36s %10s %-4s %-26s %10s %8s\n' metric value unit baseline value ratio
+    fi
+    emit session_time_to_command "$cmd_m" ms bare_qemu_boot_to_init "$bare_m"
+    emit session_overhead_over_bare_boot "$((cmd_m - bare_m))" ms bare_qemu_boot_to_init "$bare_m"
+    emit session_phase_prepare "$(median "${prep[@]}")" ms bare_qemu_boot_to_init "$bare_m"
+    emit session_phase_boot_to_hello "$(median "${hello[@]}")" ms bare_qemu_boot_to_init "$bare_m"
+    emit session_phase_provision "$(median "${provision[@]}")" ms bare_qemu_boot_to_init "$bare_m"
+    emit session_teardown "$(median "${teardown[@]}")" ms bare_qemu_boot_to_init "$bare_m"
+    emit session_supervisor_rss_idle "$rss" KiB qemu_rss_idle "$qrss"
+}
