@@ -34,6 +34,7 @@
 //! - Whatever ends the loop (shutdown, host gone, write failure), the agent
 //!   user's processes are killed first.
 
+use crate::{error_chain as chain, log};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -377,21 +378,6 @@ fn reason(err: &dyn std::error::Error) -> String {
         text.truncate(cut);
     }
     text
-}
-
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
-fn log(line: &str) {
-    eprintln!("zerolease-guest: {line}");
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@
 //! - The module list can name only files below the kernel's module
 //!   directory (no absolute paths, no `..`).
 
+use crate::{error_chain as chain, log};
 use std::fs::File;
 use std::io;
 use std::net::Ipv4Addr;
@@ -508,21 +509,6 @@ pub fn power_off() -> ! {
     loop {
         std::thread::sleep(Duration::from_secs(3600));
     }
-}
-
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
-fn log(line: &str) {
-    eprintln!("zerolease-guest: {line}");
 }
 
 #[cfg(test)]

@@ -36,6 +36,25 @@ pub mod provision;
 pub mod run;
 pub mod virtio;
 
+/// An error and its causes on one line (`what: because: because`), for the
+/// console, which is all the guest has to report with before the host
+/// channel is up. Messages never carry secret values.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// A line on the guest's console.
+pub(crate) fn log(line: &str) {
+    eprintln!("zerolease-guest: {line}");
+}
+
 /// This agent's version, sent in `Hello`.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 

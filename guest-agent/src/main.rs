@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use zerolease_guest::credential::{self, Action};
 use zerolease_guest::provision::paths;
-use zerolease_guest::{boot, locate_control_channel, version_line};
+use zerolease_guest::{boot, error_chain as chain, locate_control_channel, version_line};
 
 const USAGE: &str = "usage: zerolease-guest [--version | --help]\n\
        zerolease-guest credential [--socket PATH] get|store|erase\n\
@@ -89,15 +89,4 @@ fn report() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
