@@ -70,8 +70,10 @@ EOM
         start=$(ms_now)
         ip netns exec "$ns" "$zl" run "$tmp/bench.yaml" >/dev/null 2>&1 || die "the benchmark session failed"
         id=$("$zl" --json audit ls | jq -r '[.[] | select(.event == "session_transition")] | last | .session')
-        phase() { "$zl" --json audit ls --session "$id" | jq -r --arg p "$1" \
-            '[.[] | select(.event == "session_transition") | select(.detail | startswith($p + ":"))][0].time' |
+        local audit
+        audit=$("$zl" --json audit ls --session "$id")
+        phase() { jq -r --arg p "$1" \
+            '[.[] | select(.event == "session_transition") | select(.detail | startswith($p + ":"))][0].time' <<<"$audit" |
             python3 -c 'import sys,datetime; t=sys.stdin.read().strip(); print(int(datetime.datetime.fromisoformat(t.replace("Z","+00:00")).timestamp()*1000))'; }
         local b p r s d
         b=$(phase booting); p=$(phase provisioning); r=$(phase running)

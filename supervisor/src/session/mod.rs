@@ -114,6 +114,8 @@ pub enum SessionError {
     Provision(String),
     #[error("the control channel to the guest failed: {0}")]
     Channel(String),
+    #[error("cannot set up the session: {0}")]
+    Setup(String),
     #[error("the guest went away before the agent exited")]
     GuestGone,
     #[error("the session timed out after {}", humantime::format_duration(*.0))]
@@ -337,7 +339,7 @@ async fn drive(
         },
         pool: DEFAULT_POOL
             .parse()
-            .map_err(|e| SessionError::Channel(format!("the default address pool: {e}")))?,
+            .map_err(|e| SessionError::Setup(format!("the default address pool: {e}")))?,
         ports: PORTS,
         dns_port: None,
     })
@@ -470,14 +472,14 @@ async fn start_proxy(
         );
         registry
             .grant(&sid, entry)
-            .map_err(|e| SessionError::Channel(e.to_string()))?;
+            .map_err(|e| SessionError::Setup(e.to_string()))?;
     }
     for (i, a) in manifest.allow.iter().enumerate() {
         let entry = Entry::allow(format!("allow-{i}-{}", a.domain), vec![a.domain.clone()])
             .with_ports(a.ports.clone());
         registry
             .grant(&sid, entry)
-            .map_err(|e| SessionError::Channel(e.to_string()))?;
+            .map_err(|e| SessionError::Setup(e.to_string()))?;
     }
     let overrides = manifest
         .network
@@ -490,10 +492,10 @@ async fn start_proxy(
         Arc::new(SystemResolver),
     ));
     let events = Arc::new(
-        VaultProxyEvents::new(vault.clone()).map_err(|e| SessionError::Channel(e.to_string()))?,
+        VaultProxyEvents::new(vault.clone()).map_err(|e| SessionError::Setup(e.to_string()))?,
     );
     let allowed = AllowedCidrs::parse(&manifest.network.allow_cidrs)
-        .map_err(|e| SessionError::Channel(e.to_string()))?;
+        .map_err(|e| SessionError::Setup(e.to_string()))?;
     let state = ProxyState::new(
         registry.clone(),
         resolver,
@@ -711,7 +713,7 @@ pub fn reap(home: &StateDir, mut rec: record::SessionRecord) -> Result<(), Sessi
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| SessionError::Channel(e.to_string()))?;
+        .map_err(|e| SessionError::Setup(e.to_string()))?;
     runtime.block_on(async {
         if let (Some(pid), Ok(id)) = (rec.qemu_pid, JailId::parse(&rec.id)) {
             let vm_record = crate::vm::process::VmRecord {
@@ -733,7 +735,7 @@ pub fn reap(home: &StateDir, mut rec: record::SessionRecord) -> Result<(), Sessi
     let _ = std::fs::remove_dir_all(&rec.runtime_dir);
     rec.state = "destroyed".into();
     rec.save(home)
-        .map_err(|e| SessionError::Channel(e.to_string()))
+        .map_err(|e| SessionError::Setup(e.to_string()))
 }
 
 /// The host name part of git's `host` field (`example.com:8443` → `example.com`).

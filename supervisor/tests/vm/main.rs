@@ -34,6 +34,19 @@ fn qemu() -> Option<PathBuf> {
     }
 }
 
+/// Whether the test may make taps; under CI a missing privilege fails.
+fn root_and_tun() -> bool {
+    if nix::unistd::geteuid().is_root() && Path::new("/dev/net/tun").exists() {
+        return true;
+    }
+    let reason = "this test needs root and /dev/net/tun";
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("CI=true and {reason}");
+    }
+    eprintln!("SKIPPED: {reason}");
+    false
+}
+
 fn spec(session: &str, dir: &Path) -> VmSpec {
     VmSpec {
         session: JailId::parse(session).unwrap(),
@@ -523,12 +536,7 @@ mod tap {
 #[tokio::test]
 async fn qemu_accepts_the_tap_descriptor() {
     let Some(qemu) = qemu() else { return };
-    if !nix::unistd::geteuid().is_root() || !Path::new("/dev/net/tun").exists() {
-        let reason = "this test needs root and /dev/net/tun";
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("CI=true and {reason}");
-        }
-        eprintln!("SKIPPED: {reason}");
+    if !root_and_tun() {
         return;
     }
     let tap = tap::in_private_netns("zl-taptest");
@@ -632,12 +640,7 @@ async fn a_real_guest_says_hello() {
             }
         },
     };
-    if !nix::unistd::geteuid().is_root() || !Path::new("/dev/net/tun").exists() {
-        let reason = "this test needs root and /dev/net/tun";
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("CI=true and {reason}");
-        }
-        eprintln!("SKIPPED: {reason}");
+    if !root_and_tun() {
         return;
     }
     let dir = private_dir();
