@@ -27,8 +27,8 @@ use zerolease_tests::{Netns, require_root_and_tools};
 
 use crate::world::{UPSTREAM, sa};
 
-const CANARY: &str = "zl-canary-token-5d41402abc4b2a76b9719d911017c592";
-const API: &str = "api.session.test";
+pub(crate) const CANARY: &str = "zl-canary-token-5d41402abc4b2a76b9719d911017c592";
+pub(crate) const API: &str = "api.session.test";
 
 /// The agent's script: the leased call, then three things that must fail,
 /// each printing its outcome, then an exit code of its own.
@@ -48,7 +48,7 @@ exit 7
 /// The session's manifest; `@SCRIPT@` and `@CA@` are filled in. The file
 /// template holds quotes, `$(...)` and backticks, which must arrive as
 /// written, never run.
-const MANIFEST: &str = r#"
+pub(crate) const MANIFEST: &str = r#"
 name: e2e
 image: minimal
 accel: tcg
@@ -131,7 +131,7 @@ fn last_commit(root: &std::path::Path) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
-fn image_ready() -> bool {
+pub(crate) fn image_ready() -> bool {
     match zerolease::image::verify_named("minimal", None) {
         Ok(_) => true,
         Err(e) if std::env::var("CI").as_deref() == Ok("true") => {
@@ -146,17 +146,23 @@ fn image_ready() -> bool {
 
 /// Host and upstream namespaces, the HTTPS upstream, a vault with the canary
 /// token leased to agent `e2e`, and a manifest running `script`.
-struct SessionWorld {
-    host: Arc<Netns>,
-    _upstream: Arc<Netns>,
-    server: HttpsServer,
-    dir: tempfile::TempDir,
-    vault: Arc<Vault>,
-    manifest: Manifest,
+pub(crate) struct SessionWorld {
+    pub(crate) host: Arc<Netns>,
+    pub(crate) _upstream: Arc<Netns>,
+    pub(crate) server: HttpsServer,
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) vault: Arc<Vault>,
+    pub(crate) manifest: Manifest,
 }
 
 impl SessionWorld {
-    fn new(script: &str) -> SessionWorld {
+    pub(crate) fn new(script: &str) -> SessionWorld {
+        SessionWorld::with_manifest(MANIFEST, script)
+    }
+
+    /// Like [`SessionWorld::new`] with another manifest template (`@SCRIPT@`
+    /// and `@CA@` are filled in), for tests that need other fields.
+    pub(crate) fn with_manifest(template: &str, script: &str) -> SessionWorld {
         let host = Netns::new("sh");
         let upstream = Netns::new("su");
         host.veth_to("up0", &upstream, "eth0");
@@ -204,7 +210,7 @@ impl SessionWorld {
             .unwrap();
 
         let manifest_path = dir.path().join("session.yaml");
-        let text = MANIFEST
+        let text = template
             .replace("@SCRIPT@", &format!("{script:?}"))
             .replace("@CA@", &ca_path.display().to_string());
         std::fs::write(&manifest_path, text).unwrap();
@@ -219,7 +225,7 @@ impl SessionWorld {
         }
     }
 
-    fn config(&self) -> RunConfig {
+    pub(crate) fn config(&self) -> RunConfig {
         RunConfig {
             home: StateDir::at(self.dir.path().join("home")),
             images: None,
@@ -229,13 +235,13 @@ impl SessionWorld {
         }
     }
 
-    fn home(&self) -> StateDir {
+    pub(crate) fn home(&self) -> StateDir {
         StateDir::at(self.dir.path().join("home"))
     }
 
     /// Nothing of session `id` is left: no tap, no table, no QEMU, no
     /// runtime directory.
-    fn assert_no_leftovers(&self, id: &str) {
+    pub(crate) fn assert_no_leftovers(&self, id: &str) {
         let links = self.host.exec("ip", ["-o", "link", "show"]);
         assert!(
             !String::from_utf8_lossy(&links.stdout).contains("zl-"),
@@ -355,7 +361,7 @@ fn a_session_runs_the_agent_with_its_lease_and_leaves_nothing() {
     }
 }
 
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+pub(crate) fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     if let Ok(rd) = std::fs::read_dir(dir) {
         for e in rd.flatten() {
