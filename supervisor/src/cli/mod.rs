@@ -5,6 +5,7 @@
 //! no-echo prompt — there is no flag that takes one — and leave only through
 //! `lease access` on stdout.
 
+mod doctor;
 mod image_cmd;
 mod output;
 
@@ -95,6 +96,20 @@ enum Command {
     /// Revoke and tear a session down: QEMU, tap, nftables table, runtime
     /// directory. Works on a session whose `zerolease run` died, too.
     Destroy { session: String },
+    /// Check that this host can run sessions (QEMU, KVM, nftables, tun,
+    /// privileges, the address pool, the image) and say how to fix each
+    /// problem. Exits 1 when something stops sessions.
+    Doctor {
+        /// Where images live (default: images/out, or ZEROLEASE_IMAGES).
+        #[arg(long, env = "ZEROLEASE_IMAGES")]
+        images: Option<PathBuf>,
+        /// The image to verify, whose kernel the KVM probe boots.
+        #[arg(long, default_value = "minimal")]
+        image: String,
+        /// How long the KVM probe may take.
+        #[arg(long, default_value = "20s")]
+        kvm_timeout: String,
+    },
     /// Run a session: boot a disposable VM from the manifest's image, lease
     /// its credentials, run the agent, tear everything down. Exits with the
     /// agent's exit code.
@@ -327,6 +342,16 @@ pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitCode> {
     if let Command::Image(cmd) = &cli.command {
         return image_cmd::run(cmd, cli.json).map(Into::into);
     }
+    if let Command::Doctor {
+        images,
+        image,
+        kvm_timeout,
+    } = cli.command
+    {
+        let bound = parse_duration(&kvm_timeout)
+            .map_err(|e| anyhow::anyhow!("--kvm-timeout {kvm_timeout:?}: {e}"))?;
+        return doctor::run(cli.home, images, image, bound, cli.json).map(Into::into);
+    }
     let mut vault = open_vault(&cli, env_keys)?;
     let j = cli.json;
     let status = match cli.command {
@@ -338,6 +363,7 @@ pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitCode> {
             manifest_check(&vault, &file, agent, j)
         }
         Command::Image(cmd) => image_cmd::run(&cmd, j),
+        Command::Doctor { .. } => unreachable!("handled before the vault is opened"),
         Command::Ps { all } => sessions_ps(&vault, cli.home.clone(), all, j),
         Command::Revoke { session } => session_control(
             &vault,
