@@ -13,6 +13,7 @@
 //! `destroy` from another terminal, the reaper at start-up, and the
 //! interactive TTY are not built yet (see ARCHITECTURE.md).
 
+pub mod leases;
 mod provision;
 pub mod record;
 
@@ -352,6 +353,13 @@ async fn drive(
     held.jail = Some(jail);
 
     let registry = start_proxy(vault, manifest, &session, &leases, host, held).await?;
+    // Renews `renew: auto` leases until this function returns.
+    let _auto_renew = leases::AutoRenewer::spawn(
+        vault.clone(),
+        registry.clone(),
+        session.clone(),
+        leases::auto_jobs(manifest, &leases),
+    );
     held.registry = Some(registry);
 
     std::fs::DirBuilder::new()
@@ -593,6 +601,7 @@ async fn serve(
     stderr: &mut (dyn Write + Send),
 ) -> Result<RunOutcome, SessionError> {
     let session = held.session.clone().unwrap_or_default();
+    let mut pending = leases::PendingUpdates::default();
     loop {
         let msg = tokio::select! {
             m = guest.recv() => match m {
@@ -604,7 +613,7 @@ async fn serve(
                 let Ok((stream, _)) = c else { continue };
                 let (read, mut write) = stream.into_split();
                 let mut line = String::new();
-                let mut lines = tokio::io::BufReader::new(read.take(64));
+                let mut lines = tokio::io::BufReader::new(read.take(leases::MAX_REQUEST_LEN as u64));
                 let _ = lines.read_line(&mut line).await;
                 match Control::parse(&line) {
                     Some(Control::Revoke) => {
@@ -621,7 +630,15 @@ async fn serve(
                         return Err(SessionError::Destroyed);
                     }
                     None => {
-                        let _ = write.write_all(b"error: unknown command\n").await;
+                        let ctx = leases::Ctx { vault, manifest, leases, registry: held.registry.as_ref(), session: &session };
+                        match leases::Request::parse(&line) {
+                            Some(Ok(leases::Request::Renew(r))) => leases::send_reply(write, leases::renew(&ctx, &r)),
+                            Some(Ok(leases::Request::Rotated(r))) => leases::rotated(&ctx, &r.secret, channel, &mut pending, write).await?,
+                            Some(Err(e)) => leases::send_reply(write, leases::Reply::Error { kind: leases::ErrorKind::Invalid, message: e.to_string() }),
+                            None => {
+                                let _ = write.write_all(b"error: unknown command\n").await;
+                            }
+                        }
                     }
                 }
                 continue;
@@ -639,12 +656,9 @@ async fn serve(
             GuestMessage::ProvisionFailed { reason } => {
                 return Err(SessionError::Provision(reason));
             }
-            GuestMessage::Started { .. }
-            | GuestMessage::SecretsUpdated {}
-            | GuestMessage::Revoked {} => {}
-            GuestMessage::UpdateSecretsFailed { reason } => {
-                tracing::warn!("the guest could not update secrets: {reason}");
-            }
+            GuestMessage::Started { .. } | GuestMessage::Revoked {} => {}
+            GuestMessage::SecretsUpdated {} => pending.answer(Ok(())),
+            GuestMessage::UpdateSecretsFailed { reason } => pending.answer(Err(reason)),
             GuestMessage::Output { stream, data } => {
                 let out: &mut (dyn Write + Send) = match stream {
                     OutputStream::Stdout => stdout,
