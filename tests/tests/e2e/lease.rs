@@ -26,6 +26,9 @@ use zerolease_tests::require_root_and_tools;
 
 use crate::session::{CANARY, SessionWorld, image_ready, walk};
 
+/// The leased API's name.
+const API_DOMAIN: &str = "api.session.test";
+
 /// A value rotated in during test 3; never printed by anyone.
 const ROTATED: &str = "zl-canary-rotated-7c4ca4238a0b923820dcc509a6f75849b";
 
@@ -513,4 +516,130 @@ fn secret_rotate_pushes_the_new_value_into_a_running_session() {
         }
     }
     w.assert_no_leftovers(&record.id);
+}
+
+/// A live session that cannot take the new value (here: its control socket
+/// hangs up without an answer) does not fail the rotation: `secret rotate`
+/// stores the new version, exits 0, and warns which session still has the
+/// old value. Needs no VM: the "session" is a record, a socket, and a
+/// `zerolease` process standing in for its `run`.
+#[test]
+fn secret_rotate_succeeds_with_a_warning_when_a_session_cannot_be_updated() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let zl = |args: &[&str], stdin: &str| {
+        let mut child = Command::new(bin())
+            .arg("--home")
+            .arg(&home)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let id = "fake0session";
+    let add = zl(&["secret", "add", "api", "--domain", API_DOMAIN], CANARY);
+    assert_eq!(add.0, Some(0), "{add:?}");
+    let grant = zl(
+        &[
+            "policy", "grant", "--agent", "a", "--secret", "api", "--domain", API_DOMAIN, "--ttl",
+            "10m",
+        ],
+        "",
+    );
+    assert_eq!(grant.0, Some(0), "{grant:?}");
+    let lease = zl(
+        &[
+            "lease",
+            "grant",
+            "--agent",
+            "a",
+            "--session",
+            id,
+            "--secret",
+            "api",
+        ],
+        "",
+    );
+    assert_eq!(lease.0, Some(0), "{lease:?}");
+
+    // The stand-in for the session's `zerolease run`: a zerolease process
+    // that waits on its stdin.
+    let other_home = dir.path().join("other");
+    let mut standin = Command::new(bin())
+        .arg("--home")
+        .arg(&other_home)
+        .args(["secret", "add", "x", "--domain", "x.example"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let runtime_dir = dir.path().join("run");
+    std::fs::create_dir_all(&runtime_dir).unwrap();
+    let listener = std::os::unix::net::UnixListener::bind(
+        zerolease::session::record::control_socket(&runtime_dir),
+    )
+    .unwrap();
+    // Reads each request and hangs up without answering.
+    let hangs_up = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for _ in 0..2 {
+            let (s, _) = listener.accept().unwrap();
+            let mut line = String::new();
+            BufReader::new(&s).read_line(&mut line).unwrap();
+            lines.push(line);
+        }
+        lines
+    });
+    let record = SessionRecord {
+        id: id.into(),
+        name: "fake".into(),
+        image: "minimal".into(),
+        pid: standin.id(),
+        started: zerolease::clock::Timestamp::from_system_time(SystemTime::now()),
+        state: "running".into(),
+        runtime_dir,
+        jail: None,
+        qemu_pid: None,
+        exit_code: None,
+    };
+    record.save(&zerolease::home::StateDir::at(&home)).unwrap();
+    assert!(record.supervisor_alive());
+
+    let (code, stdout, stderr) = zl(&["--json", "secret", "rotate", "api"], ROTATED);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    let reply: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(reply["version"], 2);
+    assert_eq!(reply["sessions"][0]["session"], id);
+    assert_eq!(reply["sessions"][0]["updated"], false);
+    let error = reply["sessions"][0]["error"].as_str().unwrap();
+    assert!(error.contains("ended before it answered"), "{error}");
+
+    // The human form says it as a warning.
+    let (code, stdout, stderr) = zl(&["secret", "rotate", "api"], "third-value");
+    assert_eq!(code, Some(0));
+    assert!(stdout.contains("is now version 3"), "{stdout}");
+    assert!(
+        stderr.contains(&format!("warning: session `{id}` still has the old value")),
+        "{stderr}"
+    );
+    let _ = standin.kill();
+    let _ = standin.wait();
+    let requests = hangs_up.join().unwrap();
+    assert_eq!(requests, vec!["{\"rotated\":{\"secret\":\"api\"}}\n"; 2]);
+    assert_no_secret(&[&stdout, &stderr, &requests.concat()]);
 }
