@@ -128,7 +128,8 @@ pub enum SessionError {
 }
 
 /// What another `zerolease` process may ask of a running session over its
-/// control socket.
+/// control socket, as one word on a line. Lease requests (`renew`, a
+/// rotated secret) are JSON lines, parsed by [`leases::Request`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Control {
     /// Revoke every lease: tunnels are cut, the agent is offline, the VM stays.
@@ -614,7 +615,8 @@ async fn serve(
                 let (read, mut write) = stream.into_split();
                 let mut line = String::new();
                 let mut lines = tokio::io::BufReader::new(read.take(leases::MAX_REQUEST_LEN as u64));
-                let _ = lines.read_line(&mut line).await;
+                // A client that never writes must not stall the session.
+                let _ = tokio::time::timeout(Duration::from_secs(5), lines.read_line(&mut line)).await;
                 match Control::parse(&line) {
                     Some(Control::Revoke) => {
                         let revoked = vault.revoke(RevokeScope::Session(session.clone()));
