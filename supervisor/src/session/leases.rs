@@ -312,6 +312,32 @@ pub(super) struct Ctx<'a> {
     pub(super) session: &'a str,
 }
 
+/// Answers a control line that is not one of the word commands: a lease
+/// request, or `error: unknown command`.
+pub(super) async fn on_line(
+    ctx: &Ctx<'_>,
+    line: &str,
+    channel: &mut (impl tokio::io::AsyncWrite + Unpin),
+    pending: &mut PendingUpdates,
+    mut write: OwnedWriteHalf,
+) -> Result<(), SessionError> {
+    match Request::parse(line) {
+        Some(Ok(Request::Renew(r))) => send_reply(write, renew(ctx, &r)),
+        Some(Ok(Request::Rotated(r))) => rotated(ctx, &r.secret, channel, pending, write).await?,
+        Some(Err(e)) => send_reply(
+            write,
+            Reply::Error {
+                kind: ErrorKind::Invalid,
+                message: e.to_string(),
+            },
+        ),
+        None => {
+            let _ = write.write_all(b"error: unknown command\n").await;
+        }
+    }
+    Ok(())
+}
+
 /// Renews the session's leases as `req` asks.
 pub(super) fn renew(ctx: &Ctx<'_>, req: &RenewRequest) -> Reply {
     let chosen: Vec<&(usize, Lease)> = ctx

@@ -632,15 +632,9 @@ async fn serve(
                         return Err(SessionError::Destroyed);
                     }
                     None => {
-                        let ctx = leases::Ctx { vault, manifest, leases, registry: held.registry.as_ref(), session: &session };
-                        match leases::Request::parse(&line) {
-                            Some(Ok(leases::Request::Renew(r))) => leases::send_reply(write, leases::renew(&ctx, &r)),
-                            Some(Ok(leases::Request::Rotated(r))) => leases::rotated(&ctx, &r.secret, channel, &mut pending, write).await?,
-                            Some(Err(e)) => leases::send_reply(write, leases::Reply::Error { kind: leases::ErrorKind::Invalid, message: e.to_string() }),
-                            None => {
-                                let _ = write.write_all(b"error: unknown command\n").await;
-                            }
-                        }
+                        let registry = held.registry.as_ref();
+                        let ctx = leases::Ctx { vault, manifest, leases, registry, session: &session };
+                        leases::on_line(&ctx, &line, channel, &mut pending, write).await?;
                     }
                 }
                 continue;
