@@ -502,3 +502,29 @@ fn asking_a_missing_socket_is_a_clear_error() {
     .unwrap_err();
     assert!(matches!(e, ControlError::Request(_)), "{e:?}");
 }
+
+proptest::proptest! {
+    /// Any line either is not a lease request, is refused, or is a valid
+    /// request that renders back to a line parsing to itself.
+    #[test]
+    fn any_line_parses_to_a_valid_request_or_is_refused(
+        line in proptest::string::string_regex("\\{?[a-z\":{}, 0-9_.\\-\\[\\]]{0,80}\\}?\n?").unwrap()
+    ) {
+        match Request::parse(&line) {
+            None => proptest::prop_assert!(!line.trim_start().starts_with('{'), "{:?}", line),
+            Some(Err(_)) => {}
+            Some(Ok(r)) => {
+                proptest::prop_assert!(r.validate().is_ok());
+                proptest::prop_assert_eq!(Request::parse(&r.to_line()), Some(Ok(r)));
+            }
+        }
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..2048)) {
+        let line = String::from_utf8_lossy(&bytes);
+        let _ = Request::parse(&line);
+        let prefixed = format!("{{{line}");
+        proptest::prop_assert!(Request::parse(&prefixed).is_some());
+    }
+}
