@@ -528,3 +528,84 @@ proptest::proptest! {
         proptest::prop_assert!(Request::parse(&prefixed).is_some());
     }
 }
+
+fn manifest(credentials: &str) -> Manifest {
+    let text =
+        format!("name: agent\nimage: minimal\ncommand: [\"true\"]\ncredentials:\n{credentials}");
+    Manifest::parse(&text, Path::new("/work/m.yaml")).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_session_renews_its_own_leases_with_the_manifest_ttl_by_default() {
+    let w = world(true);
+    let m = manifest(
+        "  - secret: api\n    ttl: 30s\n    renew: auto\n    inject: [{ env: API_TOKEN }]\n",
+    );
+    let l = grant(&w, 30);
+    let r = registry_with(&l);
+    let leases = vec![(0, l.clone())];
+    let ctx = Ctx {
+        vault: &w.vault,
+        manifest: &m,
+        leases: &leases,
+        registry: Some(&r),
+        session: "sess",
+    };
+    w.clock.advance(s(20));
+    tokio::time::advance(s(20)).await;
+    // No ttl asked: the manifest's 30 s from now, not the grant's 100 s.
+    let Reply::Renewed { leases: out } = renew(&ctx, &RenewRequest::default()) else {
+        panic!("not renewed");
+    };
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].refused, None);
+    assert_eq!(out[0].expires, START.saturating_add(s(50)));
+    assert_eq!(out[0].max_expires, START.saturating_add(s(100)));
+    // An explicit ttl, capped at the grant's maximum.
+    let asked = RenewRequest {
+        credential: Some("api".into()),
+        ttl_secs: Some(3600),
+    };
+    let Reply::Renewed { leases: out } = renew(&ctx, &asked) else {
+        panic!("not renewed");
+    };
+    assert_eq!(out[0].expires, START.saturating_add(s(100)));
+    // At the maximum now: refused, with the lease's expiry unchanged.
+    let Reply::Renewed { leases: out } = renew(&ctx, &asked) else {
+        panic!("not renewed");
+    };
+    assert!(
+        out[0]
+            .refused
+            .as_deref()
+            .is_some_and(|r| r.contains("maximum")),
+        "{out:?}"
+    );
+    assert_eq!(out[0].expires, START.saturating_add(s(100)));
+    // A secret the session does not hold.
+    let other = RenewRequest {
+        credential: Some("nope".into()),
+        ttl_secs: None,
+    };
+    match renew(&ctx, &other) {
+        Reply::Error { kind, message } => {
+            assert_eq!(kind, ErrorKind::NotFound);
+            assert!(
+                message.contains("`nope`") && message.contains("api"),
+                "{message}"
+            );
+        }
+        r => panic!("{r:?}"),
+    }
+    // The auto jobs of this manifest: one, with the manifest's period.
+    assert_eq!(
+        auto_jobs(&m, &leases),
+        vec![AutoJob {
+            lease: l.id.0.clone(),
+            secret: "api".into(),
+            period: s(30),
+        }]
+    );
+    let manual = manifest("  - secret: api\n    inject: [{ env: API_TOKEN }]\n");
+    assert!(auto_jobs(&manual, &leases).is_empty());
+}
