@@ -94,7 +94,25 @@ fn bin() -> PathBuf {
         "{} is missing; build it with `cargo build -p zerolease` (cargo test --workspace does)",
         path.display()
     );
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| warn_if_stale(&path));
     path
+}
+
+/// A focused `cargo test -p zerolease-tests` rebuilds the library but not
+/// the binary: say so when the binary is older than the supervisor's source.
+fn warn_if_stale(bin: &std::path::Path) {
+    let mtime = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../supervisor/src");
+    let newest_source = walk(&src).iter().filter_map(|p| mtime(p)).max();
+    if let (Some(source), Some(b)) = (newest_source, mtime(bin))
+        && b < source
+    {
+        eprintln!(
+            "WARNING: {} is older than supervisor/src; run `cargo build -p zerolease` first",
+            bin.display()
+        );
+    }
 }
 
 /// `zerolease --home <home> ARGS` on the host, with `stdin` fed in.
