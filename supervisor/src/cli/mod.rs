@@ -7,6 +7,7 @@
 
 mod doctor;
 mod image_cmd;
+mod leases;
 mod output;
 
 use std::io::{IsTerminal, Read};
@@ -93,6 +94,18 @@ enum Command {
     /// Revoke every lease of a running session: its tunnels close at once
     /// and the agent is offline; the VM stays.
     Revoke { session: String },
+    /// Extend a running session's leases, within their grants' maximum,
+    /// without restarting anything. Exits 3 if any lease was refused.
+    Renew {
+        session: String,
+        /// Only the lease of this secret (default: all of the session's).
+        #[arg(long, value_name = "NAME")]
+        credential: Option<String>,
+        /// The new lifetime from now (default: the manifest's ttl, or the
+        /// grant's maximum); never past the grant's maximum.
+        #[arg(long)]
+        ttl: Option<String>,
+    },
     /// Revoke and tear a session down: QEMU, tap, nftables table, runtime
     /// directory. Works on a session whose `zerolease run` died, too.
     Destroy { session: String },
@@ -163,7 +176,9 @@ enum SecretCmd {
     Ls,
     /// Remove a secret, its grants, and revoke its leases.
     Rm { name: String },
-    /// Replace a secret's value; the new value is read from stdin.
+    /// Replace a secret's value; the new value is read from stdin. Running
+    /// sessions holding a lease of it get the new value in their env file
+    /// and files.
     Rotate {
         name: String,
         #[arg(long)]
@@ -355,7 +370,7 @@ pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitCode> {
     let mut vault = open_vault(&cli, env_keys)?;
     let j = cli.json;
     let status = match cli.command {
-        Command::Secret(cmd) => secret(&vault, cmd, j),
+        Command::Secret(cmd) => secret(&vault, cmd, cli.home.clone(), j),
         Command::Policy(cmd) => policy(&vault, cmd, j),
         Command::Lease(cmd) => lease(&vault, cmd, j),
         Command::Audit(cmd) => audit(&vault, cmd, j),
@@ -365,6 +380,11 @@ pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitCode> {
         Command::Image(cmd) => image_cmd::run(&cmd, j),
         Command::Doctor { .. } => unreachable!("handled before the vault is opened"),
         Command::Ps { all } => sessions_ps(&vault, cli.home.clone(), all, j),
+        Command::Renew {
+            session,
+            credential,
+            ttl,
+        } => leases::renew(&vault, cli.home.clone(), &session, credential, ttl, j),
         Command::Revoke { session } => session_control(
             &vault,
             cli.home.clone(),
@@ -462,7 +482,12 @@ fn read_value(name: &str, keep_newline: bool) -> anyhow::Result<SecretValue> {
     Ok(SecretValue::new(buf))
 }
 
-fn secret(vault: &Vault, cmd: SecretCmd, j: bool) -> anyhow::Result<ExitStatus> {
+fn secret(
+    vault: &Vault,
+    cmd: SecretCmd,
+    home: Option<PathBuf>,
+    j: bool,
+) -> anyhow::Result<ExitStatus> {
     match cmd {
         SecretCmd::Add {
             name,
@@ -533,10 +558,14 @@ fn secret(vault: &Vault, cmd: SecretCmd, j: bool) -> anyhow::Result<ExitStatus> 
         SecretCmd::Rotate { name, keep_newline } => {
             let value = read_value(&name, keep_newline)?;
             let info = vault.rotate_secret(&name, value)?;
+            let pushed = leases::push_rotation(vault, home, &name);
             if j {
-                json(&info)?;
+                let mut out = serde_json::to_value(&info)?;
+                out["sessions"] = serde_json::to_value(&pushed)?;
+                json(&out)?;
             } else {
                 println!("secret `{}` is now version {}", info.name, info.version);
+                leases::print_pushed(&name, &pushed);
             }
         }
     }

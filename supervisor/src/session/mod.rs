@@ -13,6 +13,7 @@
 //! `destroy` from another terminal, the reaper at start-up, and the
 //! interactive TTY are not built yet (see ARCHITECTURE.md).
 
+pub mod leases;
 mod provision;
 pub mod record;
 
@@ -127,7 +128,8 @@ pub enum SessionError {
 }
 
 /// What another `zerolease` process may ask of a running session over its
-/// control socket.
+/// control socket, as one word on a line. Lease requests (`renew`, a
+/// rotated secret) are JSON lines, parsed by [`leases::Request`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Control {
     /// Revoke every lease: tunnels are cut, the agent is offline, the VM stays.
@@ -352,6 +354,13 @@ async fn drive(
     held.jail = Some(jail);
 
     let registry = start_proxy(vault, manifest, &session, &leases, host, held).await?;
+    // Renews `renew: auto` leases until this function returns.
+    let _auto_renew = leases::AutoRenewer::spawn(
+        vault.clone(),
+        registry.clone(),
+        session.clone(),
+        leases::auto_jobs(manifest, &leases),
+    );
     held.registry = Some(registry);
 
     std::fs::DirBuilder::new()
@@ -593,6 +602,7 @@ async fn serve(
     stderr: &mut (dyn Write + Send),
 ) -> Result<RunOutcome, SessionError> {
     let session = held.session.clone().unwrap_or_default();
+    let mut pending = leases::PendingUpdates::default();
     loop {
         let msg = tokio::select! {
             m = guest.recv() => match m {
@@ -604,8 +614,9 @@ async fn serve(
                 let Ok((stream, _)) = c else { continue };
                 let (read, mut write) = stream.into_split();
                 let mut line = String::new();
-                let mut lines = tokio::io::BufReader::new(read.take(64));
-                let _ = lines.read_line(&mut line).await;
+                let mut lines = tokio::io::BufReader::new(read.take(leases::MAX_REQUEST_LEN as u64));
+                // A client that never writes must not stall the session.
+                let _ = tokio::time::timeout(Duration::from_secs(5), lines.read_line(&mut line)).await;
                 match Control::parse(&line) {
                     Some(Control::Revoke) => {
                         let revoked = vault.revoke(RevokeScope::Session(session.clone()));
@@ -621,7 +632,9 @@ async fn serve(
                         return Err(SessionError::Destroyed);
                     }
                     None => {
-                        let _ = write.write_all(b"error: unknown command\n").await;
+                        let registry = held.registry.as_ref();
+                        let ctx = leases::Ctx { vault, manifest, leases, registry, session: &session };
+                        leases::on_line(&ctx, &line, channel, &mut pending, write).await?;
                     }
                 }
                 continue;
@@ -639,12 +652,9 @@ async fn serve(
             GuestMessage::ProvisionFailed { reason } => {
                 return Err(SessionError::Provision(reason));
             }
-            GuestMessage::Started { .. }
-            | GuestMessage::SecretsUpdated {}
-            | GuestMessage::Revoked {} => {}
-            GuestMessage::UpdateSecretsFailed { reason } => {
-                tracing::warn!("the guest could not update secrets: {reason}");
-            }
+            GuestMessage::Started { .. } | GuestMessage::Revoked {} => {}
+            GuestMessage::SecretsUpdated {} => pending.answer(Ok(())),
+            GuestMessage::UpdateSecretsFailed { reason } => pending.answer(Err(reason)),
             GuestMessage::Output { stream, data } => {
                 let out: &mut (dyn Write + Send) = match stream {
                     OutputStream::Stdout => stdout,

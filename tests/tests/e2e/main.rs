@@ -3,6 +3,7 @@
 //! root; under `CI=true` a missing privilege or tool fails the test.
 
 mod jail;
+mod lease;
 mod proxy;
 mod session;
 mod tap;
