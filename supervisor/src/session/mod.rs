@@ -13,8 +13,11 @@
 //! `destroy` from another terminal, the reaper at start-up, and the
 //! interactive TTY are not built yet (see ARCHITECTURE.md).
 
+pub mod progress;
 mod provision;
 pub mod record;
+pub mod report;
+pub mod stats;
 
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -134,6 +137,8 @@ pub enum Control {
     Revoke,
     /// Revoke and tear everything down.
     Destroy,
+    /// Answer one JSON line of live numbers ([`stats::LiveStats`]).
+    Stats,
 }
 
 impl Control {
@@ -141,6 +146,7 @@ impl Control {
         match line.trim() {
             "revoke" => Some(Control::Revoke),
             "destroy" => Some(Control::Destroy),
+            "stats" => Some(Control::Stats),
             _ => None,
         }
     }
@@ -149,6 +155,7 @@ impl Control {
         match self {
             Control::Revoke => "revoke",
             Control::Destroy => "destroy",
+            Control::Stats => "stats",
         }
     }
 }
@@ -163,6 +170,7 @@ struct Held {
     proxy: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
     registry: Option<ProxyRegistry>,
     runtime_dir: Option<PathBuf>,
+    progress: progress::Progress,
 }
 
 fn record(vault: &Vault, session: &str, state: &str, detail: String) {
@@ -203,7 +211,34 @@ pub async fn run(
     stdout: &mut (dyn Write + Send),
     stderr: &mut (dyn Write + Send),
 ) -> Result<RunOutcome, SessionError> {
-    let mut held = Held::default();
+    let quiet = progress::Progress::default();
+    run_reported(vault, manifest, config, quiet, stdout, stderr)
+        .await
+        .result
+}
+
+/// A finished run: how it ended and its report (`None` only when it failed
+/// before it had a session id, e.g. on the image check).
+#[derive(Debug)]
+pub struct Finished {
+    pub result: Result<RunOutcome, SessionError>,
+    pub report: Option<report::SessionReport>,
+}
+
+/// [`run`], showing each start-up phase on `progress`, and building,
+/// storing and returning the end-of-session report.
+pub async fn run_reported(
+    vault: Arc<Vault>,
+    manifest: Manifest,
+    config: RunConfig,
+    progress: progress::Progress,
+    stdout: &mut (dyn Write + Send),
+    stderr: &mut (dyn Write + Send),
+) -> Finished {
+    let mut held = Held {
+        progress,
+        ..Held::default()
+    };
     let timeout = manifest.timeout;
     let result = {
         let drive = drive(&vault, &manifest, &config, &mut held, stdout, stderr);
@@ -213,7 +248,10 @@ pub async fn run(
             _ = interrupted() => Err(SessionError::Interrupted("signal")),
         }
     };
+    held.progress.end(report::ran_through(&result));
+    held.progress.phase(progress::Phase::Cleanup);
     cleanup(&vault, &mut held).await;
+    held.progress.end(true);
     let (state, detail) = match &result {
         Ok(o) => (
             "destroyed",
@@ -225,7 +263,8 @@ pub async fn run(
     let code = result.as_ref().ok().and_then(|o| o.code);
     held.save(|r| r.exit_code = code);
     held.transition(&vault, state, detail);
-    result
+    let report = report::finish(&vault, &held, &result).await;
+    Finished { result, report }
 }
 
 async fn interrupted() {
@@ -280,6 +319,7 @@ async fn drive(
     stdout: &mut (dyn Write + Send),
     stderr: &mut (dyn Write + Send),
 ) -> Result<RunOutcome, SessionError> {
+    held.progress.phase(progress::Phase::ImageCheck);
     let image: VerifiedImage = image::verify_named(&manifest.image, config.images.as_deref())?;
     let id = JailId::parse(&crate::vault::crypto::random_hex(5).map_err(VaultError::from)?)?;
     let session = id.as_str().to_owned();
@@ -307,6 +347,7 @@ async fn drive(
     );
 
     // Leases first: if policy says no, nothing else is built.
+    held.progress.phase(progress::Phase::Leases);
     let agent = config
         .agent
         .clone()
@@ -332,6 +373,7 @@ async fn drive(
     }
 
     held.transition(vault, "booting", "jail, proxy, VM".into());
+    held.progress.phase(progress::Phase::Jail);
     let jail = Jail::create(JailConfig {
         id: id.clone(),
         link: Link::Tap {
@@ -351,9 +393,11 @@ async fn drive(
     held.save(|r| r.jail = Some(jail_record));
     held.jail = Some(jail);
 
+    held.progress.phase(progress::Phase::Proxy);
     let registry = start_proxy(vault, manifest, &session, &leases, host, held).await?;
     held.registry = Some(registry);
 
+    held.progress.phase(progress::Phase::Qemu);
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -391,12 +435,14 @@ async fn drive(
         crate::manifest::Accel::Kvm => crate::vm::watchdog::Accel::Kvm,
         crate::manifest::Accel::Tcg => crate::vm::watchdog::Accel::Tcg,
     };
+    held.progress.phase(progress::Phase::Boot);
     let booted =
         crate::vm::watchdog::boot(qemu, spec, Some(tap), accel, config.hello_bound).await?;
     let qemu_pid = booted.vm.pid();
     held.save(|r| r.qemu_pid = Some(qemu_pid));
     held.vm = Some(booted.vm);
     let (mut from_guest, mut channel) = booted.hello.channel.into_split();
+    held.progress.phase(progress::Phase::Provisioning);
     held.transition(
         vault,
         "provisioning",
@@ -620,6 +666,9 @@ async fn serve(
                         let _ = write.write_all(b"ok\n").await;
                         return Err(SessionError::Destroyed);
                     }
+                    Some(Control::Stats) => {
+                        let _ = write.write_all(stats::answer(vault, held).await.as_bytes()).await;
+                    }
                     None => {
                         let _ = write.write_all(b"error: unknown command\n").await;
                     }
@@ -629,6 +678,7 @@ async fn serve(
         };
         match msg {
             GuestMessage::Provisioned {} => {
+                held.progress.phase(progress::Phase::Agent);
                 let revoked = held
                     .record
                     .as_ref()
