@@ -4,6 +4,7 @@
 
 mod jail;
 mod proxy;
+mod report;
 mod session;
 mod tap;
 mod world;
