@@ -293,10 +293,11 @@ pub fn inspect(
 /// directory.
 pub fn check_report_path(path: &Path) -> anyhow::Result<()> {
     if path.is_dir() {
-        anyhow::bail!(
+        return Err(VaultError::Invalid(format!(
             "--report {} is a directory; give a file name such as {CI_REPORT}",
             path.display()
-        );
+        ))
+        .into());
     }
     Ok(())
 }

@@ -902,9 +902,9 @@ mod tests {
         let open = at(1, AuditKind::TunnelOpened, Outcome::Ok);
         let close = at(2, AuditKind::TunnelClosed, Outcome::Ok);
         assert!(tunnels_settled(S, &[]));
-        assert!(!tunnels_settled(S, &[open.clone()]));
-        assert!(tunnels_settled(S, &[open.clone(), close.clone()]));
-        let other = open.clone().session("zzz");
+        assert!(!tunnels_settled(S, std::slice::from_ref(&open)));
+        assert!(tunnels_settled(S, &[open.clone(), close]));
+        let other = open.session("zzz");
         assert!(tunnels_settled(S, &[other]));
     }
 

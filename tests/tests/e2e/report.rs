@@ -46,27 +46,41 @@ exit 7
 
 const REFUSED_REASON: &str = "no active lease or allow entry covers this host";
 
-/// The `zerolease` binary of this build; refuses a stale one.
+/// The `zerolease` binary of this build; refuses one older than the
+/// supervisor's sources.
 fn zerolease_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("ZEROLEASE_BIN") {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().unwrap();
-    let debug = exe.parent().and_then(Path::parent).unwrap();
-    let bin = debug.join("zerolease");
-    let lib = debug.join("libzerolease.rlib");
-    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    match (mtime(&bin), mtime(&lib)) {
-        (Some(b), Some(l)) if b >= l => bin,
-        (None, _) => panic!(
-            "{} does not exist: run `cargo build -p zerolease --bin zerolease` first",
-            bin.display()
-        ),
-        _ => panic!(
-            "{} is older than the library: run `cargo build -p zerolease --bin zerolease` first",
-            bin.display()
-        ),
-    }
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("zerolease");
+    let built = std::fs::metadata(&bin)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}; run `cargo build -p zerolease --bin zerolease` first",
+                bin.display()
+            )
+        });
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../supervisor/src");
+    let newer: Vec<PathBuf> = walk(&src)
+        .into_iter()
+        .filter(|f| {
+            std::fs::metadata(f)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t > built)
+        })
+        .collect();
+    assert!(
+        newer.is_empty(),
+        "{} is older than {newer:?}: run `cargo build -p zerolease --bin zerolease` first",
+        bin.display()
+    );
+    bin
 }
 
 /// `zerolease --home HOME ARGS` in the host namespace, waited for.
@@ -510,4 +524,51 @@ fn sigterm_during_ci_run_cleans_up_and_still_reports() {
         "{report}"
     );
     assert_no_canary_in_files(w.dir.path());
+}
+
+/// `--timeout` overrides the manifest's and is hard: it fires even while
+/// the VM is still booting, tears everything down, and the report says why.
+#[test]
+fn the_ci_timeout_is_hard_and_reported() {
+    if !require_root_and_tools(&["ip", "nft", "qemu-system-x86_64"]) || !image_ready() {
+        return;
+    }
+    let w = SessionWorld::with_manifest(MANIFEST, "sleep 300");
+    let report_path = w.dir.path().join("ci-report.json");
+    let t = Instant::now();
+    let child = spawn_run(
+        &w,
+        &[
+            "--ci",
+            "--timeout",
+            "4s",
+            "--report",
+            report_path.to_str().unwrap(),
+        ],
+    );
+    let (code, _out, err) = finish(child, Duration::from_secs(60));
+    eprintln!("TIMING --timeout 4s to exit: {:?}\n{err}", t.elapsed());
+    assert_eq!(code, Some(125), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    let records = SessionRecord::all(&w.home());
+    assert_eq!(records.len(), 1);
+    let id = records[0].id.clone();
+    assert_eq!(records[0].state, "failed");
+    w.assert_no_leftovers(&id);
+    let report: Value = serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();
+    assert_eq!(report["session"], id.as_str());
+    assert!(
+        report["error"]
+            .as_str()
+            .unwrap()
+            .contains("timed out after 4s"),
+        "{report}"
+    );
+    let failed: Vec<&Value> = report["durations"]["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["ok"] == false)
+        .collect();
+    assert_eq!(failed.len(), 1, "the phase it timed out in: {report}");
 }
