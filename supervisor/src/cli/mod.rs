@@ -914,7 +914,10 @@ fn run_session(
     });
     // Let the proxy's tasks and audit writer finish before exiting.
     runtime.shutdown_timeout(std::time::Duration::from_secs(5));
-    show.finish(finished.report.as_ref())?;
+    show.finish(
+        finished.report.as_ref(),
+        finished.result.as_ref().err().map(ToString::to_string),
+    )?;
     match finished.result {
         Ok(o) => {
             let code = match (o.code, o.signal) {

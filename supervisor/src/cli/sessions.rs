@@ -57,8 +57,23 @@ impl Presentation {
     /// Shows the report on stderr (unless `--quiet`) and writes its JSON
     /// where asked. A report that cannot be written is an error: CI relies on
     /// the file.
-    pub fn finish(&self, report: Option<&SessionReport>) -> anyhow::Result<()> {
-        let Some(r) = report else { return Ok(()) };
+    ///
+    /// A run that failed before it had a session (the image check) has no
+    /// report; the file then holds [`early_failure`], so a CI job always
+    /// finds one.
+    pub fn finish(
+        &self,
+        report: Option<&SessionReport>,
+        error: Option<String>,
+    ) -> anyhow::Result<()> {
+        let Some(r) = report else {
+            if let Some(path) = self.report_path() {
+                report::write_json(&path, &early_failure(error)).map_err(|e| {
+                    anyhow::anyhow!("cannot write the report to {}: {e}", path.display())
+                })?;
+            }
+            return Ok(());
+        };
         if !self.quiet {
             let mut err = std::io::stderr().lock();
             let _ = err.write_all(r.human().as_bytes());
@@ -70,6 +85,18 @@ impl Presentation {
         }
         Ok(())
     }
+}
+
+/// The report of a run that failed before it had a session.
+pub fn early_failure(error: Option<String>) -> Value {
+    j!({
+        "version": report::REPORT_VERSION,
+        "session": null,
+        "state": "failed",
+        "exit_code": null,
+        "signal": null,
+        "error": error,
+    })
 }
 
 /// Asks a running session for its live numbers; `None` when it does not
@@ -364,6 +391,28 @@ mod tests {
         assert_eq!(both.report_path(), Some(PathBuf::from("out/r.json")));
         assert!(check_report_path(Path::new("/")).is_err());
         assert!(check_report_path(Path::new("/nonexistent/r.json")).is_ok());
+    }
+
+    #[test]
+    fn a_run_without_a_session_still_writes_a_report_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.json");
+        let p = Presentation {
+            quiet: true,
+            ci: true,
+            report: Some(path.clone()),
+        };
+        p.finish(
+            None,
+            Some("image `minimal` does not match image.json".into()),
+        )
+        .unwrap();
+        let v: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(v["state"], "failed");
+        assert!(v["exit_code"].is_null() && v["session"].is_null());
+        assert_eq!(v["error"], "image `minimal` does not match image.json");
+        // No path asked for: nothing written, no error.
+        Presentation::default().finish(None, None).unwrap();
     }
 
     #[test]

@@ -149,11 +149,8 @@ impl ProgressSink for Spinner {
         let Some(bar) = self.bar.take() else { return };
         let mark = if ok { "✓" } else { "✗" };
         bar.finish_and_clear();
-        bar.println(format!(
-            "{mark} {} {:.2}s",
-            phase.label(),
-            took.as_secs_f64()
-        ));
+        let mut err = std::io::stderr().lock();
+        let _ = writeln!(err, "{mark} {} {:.2}s", phase.label(), took.as_secs_f64());
     }
 }
 
