@@ -225,6 +225,18 @@ mod tests {
     }
 
     #[test]
+    fn the_control_socket_parses_stats_exactly() {
+        use crate::session::Control;
+        for c in [Control::Revoke, Control::Destroy, Control::Stats] {
+            assert_eq!(Control::parse(c.as_str()), Some(c));
+            assert_eq!(Control::parse(&format!("  {}\n", c.as_str())), Some(c));
+        }
+        for bad in ["", "STATS", "stats now", "stat", "stats;destroy", "\0stats"] {
+            assert_eq!(Control::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
     fn no_proxy_or_jail_yet_is_all_zero() {
         let s = build("s1", None, &[], None);
         assert_eq!(s.tunnels_open, 0);
