@@ -158,6 +158,26 @@ pub fn ps_entry(
     })
 }
 
+/// `inspect --json`: the record, every lease of the session (active or
+/// not), live numbers while it runs, the report once it has finished.
+pub fn inspect_entry(
+    record: &SessionRecord,
+    state: &str,
+    leases: &[Lease],
+    live: Option<&LiveStats>,
+    report: Option<&SessionReport>,
+    now: Timestamp,
+) -> Value {
+    j!({
+        "id": record.id,
+        "state": state,
+        "record": record,
+        "leases": leases.iter().map(|l| lease_view(l, now)).collect::<Vec<_>>(),
+        "live": live,
+        "report": report,
+    })
+}
+
 fn leases_of(vault: &Vault, session: &str, all: bool) -> anyhow::Result<Vec<Lease>> {
     Ok(vault.list_leases(LeaseFilter {
         session: Some(session.to_owned()),
@@ -251,14 +271,14 @@ pub fn inspect(
     let live = ask_stats(&record);
     let report = SessionReport::load(&home, session).ok();
     if as_json {
-        json(&j!({
-            "id": record.id,
-            "state": state,
-            "record": record,
-            "leases": leases.iter().map(|l| lease_view(l, now)).collect::<Vec<_>>(),
-            "live": live,
-            "report": report,
-        }))?;
+        json(&inspect_entry(
+            &record,
+            &state,
+            &leases,
+            live.as_ref(),
+            report.as_ref(),
+            now,
+        ))?;
         return Ok(ExitStatus::Success);
     }
     println!("session   {}", record.id);
@@ -372,6 +392,38 @@ mod tests {
         for key in ["tunnels_open", "bytes_up", "bytes_down", "blocked", "live"] {
             assert!(v[key].is_null(), "{key} in {v}");
         }
+    }
+
+    #[test]
+    fn inspect_json_has_record_leases_live_and_report() {
+        let now = Timestamp(1_800_000_065_000);
+        let r = record();
+        let v = inspect_entry(&r, "running", &[], Some(&LiveStats::default()), None, now);
+        assert_eq!(v["id"], "abc123def0");
+        assert_eq!(v["record"]["image"], "minimal");
+        assert!(v["live"].is_object() && v["report"].is_null());
+        let report = crate::session::report::build(
+            &crate::session::report::Facts {
+                session: "abc123def0",
+                name: "ci",
+                image: "minimal",
+                started: r.started,
+                ended: now,
+                ending: crate::session::report::Ending {
+                    state: "destroyed".into(),
+                    exit_code: Some(0),
+                    signal: None,
+                    error: None,
+                },
+                phases: &[],
+            },
+            &[],
+        );
+        let v = inspect_entry(&r, "destroyed", &[], None, Some(&report), now);
+        assert!(v["live"].is_null());
+        assert_eq!(v["report"]["exit_code"], 0);
+        assert_eq!(v["report"]["durations"]["total_seconds"], 65.0);
+        assert!(v["leases"].as_array().unwrap().is_empty());
     }
 
     #[test]
