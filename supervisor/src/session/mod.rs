@@ -397,7 +397,7 @@ async fn drive(
     let registry = start_proxy(vault, manifest, &session, &leases, host, held).await?;
     held.registry = Some(registry);
 
-    held.progress.phase(progress::Phase::Qemu);
+    held.progress.phase(progress::Phase::VmSetup);
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)

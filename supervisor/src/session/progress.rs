@@ -30,7 +30,7 @@ pub enum Phase {
     /// The session's proxy listeners.
     Proxy,
     /// Runtime directory, control socket, tap descriptor, QEMU binary.
-    Qemu,
+    VmSetup,
     /// QEMU started until the guest agent's hello.
     Boot,
     /// Provisioning sent until the guest reports the agent provisioned.
@@ -48,7 +48,7 @@ impl Phase {
             Phase::Leases => "leases",
             Phase::Jail => "jail",
             Phase::Proxy => "proxy",
-            Phase::Qemu => "QEMU start",
+            Phase::VmSetup => "VM setup",
             Phase::Boot => "boot (until the guest's hello)",
             Phase::Provisioning => "provisioning",
             Phase::Agent => "agent",
@@ -229,10 +229,10 @@ mod tests {
                 "zerolease: provisioning FAILED after 0.00s",
             ),
             (
-                Phase::Qemu,
+                Phase::VmSetup,
                 Duration::from_secs(3600),
                 true,
-                "zerolease: QEMU start done in 3600.00s",
+                "zerolease: VM setup done in 3600.00s",
             ),
         ];
         for (phase, took, ok, want) in cases {
@@ -249,7 +249,7 @@ mod tests {
             Phase::Leases,
             Phase::Jail,
             Phase::Proxy,
-            Phase::Qemu,
+            Phase::VmSetup,
             Phase::Boot,
             Phase::Provisioning,
             Phase::Agent,

@@ -209,7 +209,7 @@ fn assert_report(r: &Value) {
         "leases",
         "jail",
         "proxy",
-        "qemu",
+        "vm_setup",
         "boot",
         "provisioning",
         "agent",
