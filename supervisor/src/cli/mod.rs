@@ -9,6 +9,7 @@ mod doctor;
 mod image_cmd;
 mod leases;
 mod output;
+mod sessions;
 
 use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
@@ -85,12 +86,16 @@ enum Command {
     /// Validate session manifests.
     #[command(subcommand)]
     Manifest(ManifestCmd),
-    /// List sessions: state, image, age, leases with time left.
+    /// List sessions: state, image, age, leases with time left, open
+    /// tunnels, bytes, blocked attempts.
     Ps {
         /// Include finished sessions.
         #[arg(long)]
         all: bool,
     },
+    /// Show one session in full: its record, leases, live numbers while it
+    /// runs, and its report once it has finished.
+    Inspect { session: String },
     /// Revoke every lease of a running session: its tunnels close at once
     /// and the agent is offline; the VM stays.
     Revoke { session: String },
@@ -137,6 +142,22 @@ enum Command {
         /// How long to wait for the guest agent's hello, per accelerator.
         #[arg(long, default_value = "90s")]
         hello_timeout: String,
+        /// Show no progress and no report on stderr.
+        #[arg(long, short)]
+        quiet: bool,
+        /// Write the end-of-session report as JSON to FILE (with --ci the
+        /// default is ./zerolease-report.json).
+        #[arg(long, value_name = "FILE")]
+        report: Option<PathBuf>,
+        /// CI mode: never prompts and never attaches a terminal, plain
+        /// progress lines, a hard timeout, the JSON report written to a
+        /// file; exits with the agent's exit code.
+        #[arg(long)]
+        ci: bool,
+        /// Hard limit on the whole session (`10m`); default: the manifest's
+        /// `timeout`.
+        #[arg(long)]
+        timeout: Option<String>,
         /// Run this instead of the manifest's command.
         #[arg(last = true)]
         command: Vec<String>,
@@ -379,7 +400,8 @@ pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitCode> {
         }
         Command::Image(cmd) => image_cmd::run(&cmd, j),
         Command::Doctor { .. } => unreachable!("handled before the vault is opened"),
-        Command::Ps { all } => sessions_ps(&vault, cli.home.clone(), all, j),
+        Command::Ps { all } => sessions::ps(&vault, cli.home.clone(), all, j),
+        Command::Inspect { session } => sessions::inspect(&vault, cli.home.clone(), &session, j),
         Command::Renew {
             session,
             credential,
@@ -404,8 +426,13 @@ pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitCode> {
             agent,
             images,
             hello_timeout,
+            quiet,
+            report,
+            ci,
+            timeout,
             command,
         } => {
+            let show = sessions::Presentation { quiet, ci, report };
             return run_session(
                 vault,
                 cli.home.clone(),
@@ -413,6 +440,8 @@ pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitCode> {
                 agent,
                 images,
                 &hello_timeout,
+                timeout.as_deref(),
+                &show,
                 command,
             );
         }
@@ -896,6 +925,7 @@ fn audit(vault: &Vault, cmd: AuditCmd, j: bool) -> anyhow::Result<ExitStatus> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_session(
     vault: Vault,
     home: Option<PathBuf>,
@@ -903,9 +933,19 @@ fn run_session(
     agent: Option<String>,
     images: Option<PathBuf>,
     hello_timeout: &str,
+    timeout: Option<&str>,
+    show: &sessions::Presentation,
     command: Vec<String>,
 ) -> anyhow::Result<ExitCode> {
-    let manifest = Manifest::load(manifest_path).map_err(|e| VaultError::Invalid(e.to_string()))?;
+    let mut manifest =
+        Manifest::load(manifest_path).map_err(|e| VaultError::Invalid(e.to_string()))?;
+    if let Some(t) = timeout {
+        manifest.timeout =
+            parse_duration(t).map_err(|e| VaultError::Invalid(format!("--timeout: {e}")))?;
+    }
+    if let Some(path) = show.report_path() {
+        sessions::check_report_path(&path)?;
+    }
     let config = crate::session::RunConfig {
         home: StateDir::resolve(home)?,
         images,
@@ -921,14 +961,19 @@ fn run_session(
         .build()
         .context("cannot start the async runtime")?;
     let vault = Arc::new(vault);
-    let outcome = runtime.block_on(async {
+    let progress = show.progress();
+    let finished = runtime.block_on(async {
         let mut out = std::io::stdout();
         let mut err = std::io::stderr();
-        crate::session::run(vault, manifest, config, &mut out, &mut err).await
+        crate::session::run_reported(vault, manifest, config, progress, &mut out, &mut err).await
     });
     // Let the proxy's tasks and audit writer finish before exiting.
     runtime.shutdown_timeout(std::time::Duration::from_secs(5));
-    match outcome {
+    show.finish(
+        finished.report.as_ref(),
+        finished.result.as_ref().err().map(ToString::to_string),
+    )?;
+    match finished.result {
         Ok(o) => {
             let code = match (o.code, o.signal) {
                 (Some(c), _) => c,
@@ -949,83 +994,6 @@ fn run_session(
             Ok(ExitStatus::SessionFailed.into())
         }
     }
-}
-
-fn sessions_ps(
-    vault: &Vault,
-    home: Option<PathBuf>,
-    all: bool,
-    j: bool,
-) -> anyhow::Result<ExitStatus> {
-    use crate::session::record::SessionRecord;
-    let home = StateDir::resolve(home)?;
-    let now = vault.now();
-    let mut rows = Vec::new();
-    for r in SessionRecord::all(&home) {
-        let alive = r.supervisor_alive();
-        let state = if !r.is_finished() && !alive {
-            "orphaned".to_owned()
-        } else {
-            r.state.clone()
-        };
-        if !all && r.is_finished() {
-            continue;
-        }
-        let leases = vault.list_leases(LeaseFilter {
-            session: Some(r.id.clone()),
-            include_inactive: false,
-        })?;
-        rows.push((r, state, leases));
-    }
-    if j {
-        let out: Vec<_> = rows
-            .iter()
-            .map(|(r, state, leases)| {
-                serde_json::json!({
-                    "id": r.id,
-                    "name": r.name,
-                    "state": state,
-                    "image": r.image,
-                    "started": r.started,
-                    "age_seconds": r.started.until(now).as_secs(),
-                    "exit_code": r.exit_code,
-                    "leases": leases.iter().map(|l| serde_json::json!({
-                        "id": l.id, "secret": l.secret, "domains": l.domains,
-                        "seconds_left": l.time_left(now).as_secs(),
-                    })).collect::<Vec<_>>(),
-                })
-            })
-            .collect();
-        json(&out)?;
-    } else {
-        let mut t = Table::new(&["SESSION", "NAME", "STATE", "IMAGE", "AGE", "LEASES"]);
-        for (r, state, leases) in &rows {
-            t.row(vec![
-                r.id.clone(),
-                r.name.clone(),
-                state.clone(),
-                r.image.clone(),
-                format_duration_short(r.started.until(now)),
-                leases
-                    .iter()
-                    .map(|l| {
-                        format!(
-                            "{} ({} left)",
-                            l.secret,
-                            format_duration_short(l.time_left(now))
-                        )
-                    })
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            ]);
-        }
-        t.print(if all {
-            "no sessions"
-        } else {
-            "no running sessions (--all shows finished ones)"
-        });
-    }
-    Ok(ExitStatus::Success)
 }
 
 fn session_control(
@@ -1091,6 +1059,7 @@ fn session_control(
             crate::session::Control::Destroy => println!(
                 "session `{session}` destroyed: leases revoked, VM, tap and nftables table gone"
             ),
+            crate::session::Control::Stats => {}
         }
     }
     Ok(ExitStatus::Success)

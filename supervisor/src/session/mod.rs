@@ -14,8 +14,11 @@
 //! interactive TTY are not built yet (see ARCHITECTURE.md).
 
 pub mod leases;
+pub mod progress;
 mod provision;
 pub mod record;
+pub mod report;
+pub mod stats;
 
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -136,6 +139,8 @@ pub enum Control {
     Revoke,
     /// Revoke and tear everything down.
     Destroy,
+    /// Answer one JSON line of live numbers ([`stats::LiveStats`]).
+    Stats,
 }
 
 impl Control {
@@ -143,6 +148,7 @@ impl Control {
         match line.trim() {
             "revoke" => Some(Control::Revoke),
             "destroy" => Some(Control::Destroy),
+            "stats" => Some(Control::Stats),
             _ => None,
         }
     }
@@ -151,6 +157,7 @@ impl Control {
         match self {
             Control::Revoke => "revoke",
             Control::Destroy => "destroy",
+            Control::Stats => "stats",
         }
     }
 }
@@ -165,6 +172,7 @@ struct Held {
     proxy: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
     registry: Option<ProxyRegistry>,
     runtime_dir: Option<PathBuf>,
+    progress: progress::Progress,
 }
 
 fn record(vault: &Vault, session: &str, state: &str, detail: String) {
@@ -205,7 +213,34 @@ pub async fn run(
     stdout: &mut (dyn Write + Send),
     stderr: &mut (dyn Write + Send),
 ) -> Result<RunOutcome, SessionError> {
-    let mut held = Held::default();
+    let quiet = progress::Progress::default();
+    run_reported(vault, manifest, config, quiet, stdout, stderr)
+        .await
+        .result
+}
+
+/// A finished run: how it ended and its report (`None` only when it failed
+/// before it had a session id, e.g. on the image check).
+#[derive(Debug)]
+pub struct Finished {
+    pub result: Result<RunOutcome, SessionError>,
+    pub report: Option<report::SessionReport>,
+}
+
+/// [`run`], showing each start-up phase on `progress`, and building,
+/// storing and returning the end-of-session report.
+pub async fn run_reported(
+    vault: Arc<Vault>,
+    manifest: Manifest,
+    config: RunConfig,
+    progress: progress::Progress,
+    stdout: &mut (dyn Write + Send),
+    stderr: &mut (dyn Write + Send),
+) -> Finished {
+    let mut held = Held {
+        progress,
+        ..Held::default()
+    };
     let timeout = manifest.timeout;
     let result = {
         let drive = drive(&vault, &manifest, &config, &mut held, stdout, stderr);
@@ -215,7 +250,10 @@ pub async fn run(
             _ = interrupted() => Err(SessionError::Interrupted("signal")),
         }
     };
+    held.progress.end(report::ran_through(&result));
+    held.progress.phase(progress::Phase::Cleanup);
     cleanup(&vault, &mut held).await;
+    held.progress.end(true);
     let (state, detail) = match &result {
         Ok(o) => (
             "destroyed",
@@ -227,7 +265,8 @@ pub async fn run(
     let code = result.as_ref().ok().and_then(|o| o.code);
     held.save(|r| r.exit_code = code);
     held.transition(&vault, state, detail);
-    result
+    let report = report::finish(&vault, &held, &result).await;
+    Finished { result, report }
 }
 
 async fn interrupted() {
@@ -282,6 +321,7 @@ async fn drive(
     stdout: &mut (dyn Write + Send),
     stderr: &mut (dyn Write + Send),
 ) -> Result<RunOutcome, SessionError> {
+    held.progress.phase(progress::Phase::ImageCheck);
     let image: VerifiedImage = image::verify_named(&manifest.image, config.images.as_deref())?;
     let id = JailId::parse(&crate::vault::crypto::random_hex(5).map_err(VaultError::from)?)?;
     let session = id.as_str().to_owned();
@@ -309,6 +349,7 @@ async fn drive(
     );
 
     // Leases first: if policy says no, nothing else is built.
+    held.progress.phase(progress::Phase::Leases);
     let agent = config
         .agent
         .clone()
@@ -334,6 +375,7 @@ async fn drive(
     }
 
     held.transition(vault, "booting", "jail, proxy, VM".into());
+    held.progress.phase(progress::Phase::Jail);
     let jail = Jail::create(JailConfig {
         id: id.clone(),
         link: Link::Tap {
@@ -353,6 +395,7 @@ async fn drive(
     held.save(|r| r.jail = Some(jail_record));
     held.jail = Some(jail);
 
+    held.progress.phase(progress::Phase::Proxy);
     let registry = start_proxy(vault, manifest, &session, &leases, host, held).await?;
     // Renews `renew: auto` leases until this function returns.
     let _auto_renew = leases::AutoRenewer::spawn(
@@ -363,6 +406,7 @@ async fn drive(
     );
     held.registry = Some(registry);
 
+    held.progress.phase(progress::Phase::VmSetup);
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -400,12 +444,14 @@ async fn drive(
         crate::manifest::Accel::Kvm => crate::vm::watchdog::Accel::Kvm,
         crate::manifest::Accel::Tcg => crate::vm::watchdog::Accel::Tcg,
     };
+    held.progress.phase(progress::Phase::Boot);
     let booted =
         crate::vm::watchdog::boot(qemu, spec, Some(tap), accel, config.hello_bound).await?;
     let qemu_pid = booted.vm.pid();
     held.save(|r| r.qemu_pid = Some(qemu_pid));
     held.vm = Some(booted.vm);
     let (mut from_guest, mut channel) = booted.hello.channel.into_split();
+    held.progress.phase(progress::Phase::Provisioning);
     held.transition(
         vault,
         "provisioning",
@@ -631,6 +677,9 @@ async fn serve(
                         let _ = write.write_all(b"ok\n").await;
                         return Err(SessionError::Destroyed);
                     }
+                    Some(Control::Stats) => {
+                        let _ = write.write_all(stats::answer(vault, held).await.as_bytes()).await;
+                    }
                     None => {
                         let registry = held.registry.as_ref();
                         let ctx = leases::Ctx { vault, manifest, leases, registry, session: &session };
@@ -642,6 +691,7 @@ async fn serve(
         };
         match msg {
             GuestMessage::Provisioned {} => {
+                held.progress.phase(progress::Phase::Agent);
                 let revoked = held
                     .record
                     .as_ref()

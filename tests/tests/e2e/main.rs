@@ -5,6 +5,7 @@
 mod jail;
 mod lease;
 mod proxy;
+mod report;
 mod session;
 mod tap;
 mod world;
