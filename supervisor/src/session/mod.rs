@@ -14,6 +14,7 @@
 //! interactive TTY are not built yet (see ARCHITECTURE.md).
 
 mod provision;
+pub mod workspace;
 pub mod record;
 
 use std::io::Write;
