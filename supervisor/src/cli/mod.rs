@@ -7,6 +7,7 @@
 
 mod image_cmd;
 mod output;
+mod workspace;
 
 use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
@@ -109,9 +110,34 @@ enum Command {
         /// How long to wait for the guest agent's hello, per accelerator.
         #[arg(long, default_value = "90s")]
         hello_timeout: String,
+        /// Copy this directory into the VM as the agent's working directory
+        /// (replaces the manifest's `workspace`).
+        #[arg(long, value_name = "DIR")]
+        workspace: Option<PathBuf>,
         /// Run this instead of the manifest's command.
         #[arg(last = true)]
         command: Vec<String>,
+    },
+    /// Show the changes a session's agent made to its workspace (the patch;
+    /// control characters are escaped on a terminal).
+    Diff {
+        session: String,
+        /// A summary per file instead of the patch.
+        #[arg(long)]
+        stat: bool,
+    },
+    /// Apply a session's workspace changes to the directory it copied (or
+    /// --to DIR) with git apply. Changes to symlinks, submodules or `.git/`
+    /// and paths leaving the tree are refused.
+    Apply {
+        session: String,
+        /// Apply here instead of the session's workspace.
+        #[arg(long, value_name = "DIR")]
+        to: Option<PathBuf>,
+        /// Apply the safe changes and skip (and list) the refused ones,
+        /// instead of refusing the whole patch.
+        #[arg(long)]
+        skip_unsafe: bool,
     },
 }
 
@@ -327,6 +353,23 @@ pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitCode> {
     if let Command::Image(cmd) = &cli.command {
         return image_cmd::run(cmd, cli.json).map(Into::into);
     }
+    // Neither needs the vault.
+    match &cli.command {
+        Command::Diff { session, stat } => {
+            let home = StateDir::resolve(cli.home.clone())?;
+            return workspace::diff(&home, session, *stat, cli.json).map(Into::into);
+        }
+        Command::Apply {
+            session,
+            to,
+            skip_unsafe,
+        } => {
+            let home = StateDir::resolve(cli.home.clone())?;
+            return workspace::apply(&home, session, to.clone(), *skip_unsafe, cli.json)
+                .map(Into::into);
+        }
+        _ => {}
+    }
     let mut vault = open_vault(&cli, env_keys)?;
     let j = cli.json;
     let status = match cli.command {
@@ -358,6 +401,7 @@ pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitCode> {
             agent,
             images,
             hello_timeout,
+            workspace,
             command,
         } => {
             return run_session(
@@ -367,9 +411,26 @@ pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitCode> {
                 agent,
                 images,
                 &hello_timeout,
+                workspace,
                 command,
             );
         }
+        // Handled above without opening the vault; the same calls here keep
+        // the match exhaustive.
+        Command::Diff { session, stat } => {
+            workspace::diff(&StateDir::resolve(cli.home.clone())?, &session, stat, j)
+        }
+        Command::Apply {
+            session,
+            to,
+            skip_unsafe,
+        } => workspace::apply(
+            &StateDir::resolve(cli.home.clone())?,
+            &session,
+            to,
+            skip_unsafe,
+            j,
+        ),
         Command::Key(KeyCmd::Rotate { to }) => {
             let kind = vault.rotate_key(to)?;
             if j {
@@ -848,6 +909,7 @@ fn run_session(
     agent: Option<String>,
     images: Option<PathBuf>,
     hello_timeout: &str,
+    workspace: Option<PathBuf>,
     command: Vec<String>,
 ) -> anyhow::Result<ExitCode> {
     let manifest = Manifest::load(manifest_path).map_err(|e| VaultError::Invalid(e.to_string()))?;
@@ -857,6 +919,7 @@ fn run_session(
         agent,
         command: (!command.is_empty()).then_some(command),
         hello_bound: parse_duration(hello_timeout).map_err(VaultError::Invalid)?,
+        workspace,
     };
     for id in crate::session::reap_orphans(&vault, &config.home) {
         eprintln!("reaped session `{id}`, left behind by a zerolease run that died");

@@ -67,6 +67,8 @@ pub struct RunConfig {
     pub command: Option<Vec<String>>,
     /// Bound on the guest's hello, per accelerator tried.
     pub hello_bound: Duration,
+    /// Copied into the VM; replaces the manifest's `workspace`.
+    pub workspace: Option<PathBuf>,
 }
 
 /// How a session ended.
@@ -125,6 +127,8 @@ pub enum SessionError {
     Interrupted(&'static str),
     #[error("the session was destroyed by `zerolease destroy`")]
     Destroyed,
+    #[error(transparent)]
+    Workspace(#[from] workspace::WorkspaceError),
 }
 
 /// What another `zerolease` process may ask of a running session over its
@@ -282,6 +286,7 @@ async fn drive(
     stderr: &mut (dyn Write + Send),
 ) -> Result<RunOutcome, SessionError> {
     let image: VerifiedImage = image::verify_named(&manifest.image, config.images.as_deref())?;
+    let ws = workspace::for_session(manifest, config.workspace.as_deref())?;
     let id = JailId::parse(&crate::vault::crypto::random_hex(5).map_err(VaultError::from)?)?;
     let session = id.as_str().to_owned();
     held.session = Some(session.clone());
@@ -299,6 +304,7 @@ async fn drive(
             jail: None,
             qemu_pid: None,
             exit_code: None,
+            workspace: ws.as_ref().map(|w| w.root.clone()),
         },
     ));
     held.transition(
@@ -365,6 +371,10 @@ async fn drive(
         })?;
     held.runtime_dir = Some(runtime_dir.clone());
     let control = control_listener(&record::control_socket(&runtime_dir))?;
+    let disks = ws
+        .as_ref()
+        .map(|w| workspace::write_disks(w, &runtime_dir))
+        .transpose()?;
 
     let tap = jail::tap::open_tap(&link)?;
     let spec = VmSpec {
@@ -378,6 +388,10 @@ async fn drive(
             initrd: Some(image.initramfs.clone()),
         }),
         disk: None,
+        raw_disks: disks
+            .as_ref()
+            .map(workspace::Disks::raw_disks)
+            .unwrap_or_default(),
         net: Some(NetSpec {
             fd: 3,
             mac: Mac::for_session(&id),
@@ -412,7 +426,8 @@ async fn drive(
         .clone()
         .unwrap_or_else(|| manifest.command.clone());
     let proxy_url = format!("http://{host}:{}", PORTS.connect);
-    let provision = provision::build(vault, manifest, &leases, command, &proxy_url)?;
+    let mut provision = provision::build(vault, manifest, &leases, command, &proxy_url)?;
+    provision.workspace = ws.as_ref().map(|w| workspace::spec(w, &manifest.workdir));
     send(&mut channel, &HostMessage::Provision(Box::new(provision))).await?;
 
     let (guest_tx, guest_rx) = mpsc::channel(64);
@@ -439,6 +454,9 @@ async fn drive(
     .await;
     reader.abort();
     let outcome = served?;
+    if let Some(disks) = &disks {
+        workspace::finish(disks, &config.home, &session, stderr);
+    }
     let _ = send(&mut channel, &HostMessage::Shutdown {}).await;
     held.transition(
         vault,

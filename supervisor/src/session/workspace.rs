@@ -516,6 +516,93 @@ pub fn write_disks(prepared: &Prepared, runtime_dir: &Path) -> Result<Disks, Wor
     })
 }
 
+impl Disks {
+    /// The disks as QEMU gets them: the tar read-only, the out disk writable.
+    pub fn raw_disks(&self) -> Vec<crate::vm::argv::RawDisk> {
+        use zerolease_protocol::workspace::{WORKSPACE_IN_SERIAL, WORKSPACE_OUT_SERIAL};
+        vec![
+            crate::vm::argv::RawDisk {
+                path: self.input.clone(),
+                serial: WORKSPACE_IN_SERIAL.into(),
+                read_only: true,
+            },
+            crate::vm::argv::RawDisk {
+                path: self.output.clone(),
+                serial: WORKSPACE_OUT_SERIAL.into(),
+                read_only: false,
+            },
+        ]
+    }
+}
+
+/// The session's workspace, if it has one (`--workspace` wins over the
+/// manifest's `workspace`), checked before anything is set up.
+pub fn for_session(
+    manifest: &crate::manifest::Manifest,
+    cli: Option<&Path>,
+) -> Result<Option<Prepared>, WorkspaceError> {
+    let Some(dir) = cli.or(manifest.workspace.as_deref()) else {
+        return Ok(None);
+    };
+    let limit = limit_for(manifest.resources.disk, manifest.resources.memory);
+    prepare(dir, limit).map(Some)
+}
+
+/// What goes into `Provision`: the guest extracts into the agent's workdir.
+pub fn spec(prepared: &Prepared, workdir: &str) -> zerolease_protocol::WorkspaceSpec {
+    zerolease_protocol::WorkspaceSpec {
+        path: workdir.to_owned(),
+        base: prepared.base.clone(),
+    }
+}
+
+/// After the agent exited: copies the result into the session's output
+/// directory and tells the user (on `stderr`) where it is. A failure is
+/// reported, not fatal: the agent's exit code still passes through.
+pub fn finish(
+    disks: &Disks,
+    home: &crate::home::StateDir,
+    session: &str,
+    stderr: &mut (dyn Write + Send),
+) -> Option<Collected> {
+    match collect(&disks.output, &output_dir(home, session)) {
+        Ok(c) if c.patch_len == 0 => {
+            let _ = writeln!(stderr, "zerolease: the agent changed nothing in the workspace");
+            Some(c)
+        }
+        Ok(c) => {
+            let _ = writeln!(
+                stderr,
+                "zerolease: the agent's changes ({}) are in {}; review them with \
+                 `zerolease diff {session}` and apply them with `zerolease apply {session}`",
+                human(c.patch_len),
+                c.patch.display()
+            );
+            Some(c)
+        }
+        Err(e) => {
+            let _ = writeln!(
+                stderr,
+                "zerolease: the workspace's changes could not be collected: {}",
+                crate::session::workspace::chain(&e)
+            );
+            None
+        }
+    }
+}
+
+/// An error and its causes on one line.
+pub fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    sanitize(&text)
+}
+
 /// What came back from the guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Collected {
