@@ -26,7 +26,7 @@ pub use frame::{FrameError, FrameReader, FrameWriter, MAX_FRAME_LEN, ReadError, 
 pub use message::{
     CredentialOutcome, DecodeError, EncodeError, FileSpec, GuestMessage, HandshakeError,
     HostMessage, Message, OutputStream, PROTOCOL_VERSION, PlainEnvVar, ProtocolVersion, Provision,
-    ProxySettings, SecretEnvVar, ValidationError, WorkspaceSpec, accept_hello, answer_hello, check_versions,
-    check_welcome,
+    ProxySettings, SecretEnvVar, ValidationError, WorkspaceSpec, accept_hello, answer_hello,
+    check_versions, check_welcome,
 };
 pub use secret::{Bytes, SecretBytes, SecretString};

@@ -962,7 +962,9 @@ mod tests {
             ("dotdot workspace", |p| ws(p).path = "/home/../etc".into()),
             ("dot workspace", |p| ws(p).path = "/home/./x".into()),
             ("empty workspace part", |p| ws(p).path = "/home//x".into()),
-            ("trailing slash workspace", |p| ws(p).path = "/home/x/".into()),
+            ("trailing slash workspace", |p| {
+                ws(p).path = "/home/x/".into()
+            }),
             ("NUL workspace", |p| ws(p).path = "/home/x\0".into()),
             ("short base", |p| ws(p).base = Some("abc123".into())),
             ("uppercase base", |p| {
@@ -992,7 +994,9 @@ mod tests {
         assert_eq!(back, message);
         // Without one, the field is left out, so older guests accept it.
         p.workspace = None;
-        let bytes = HostMessage::Provision(Box::new(p.clone())).encode().unwrap();
+        let bytes = HostMessage::Provision(Box::new(p.clone()))
+            .encode()
+            .unwrap();
         assert!(!String::from_utf8_lossy(&bytes).contains("workspace"));
         let back = HostMessage::decode(&bytes).unwrap();
         assert_eq!(back, HostMessage::Provision(Box::new(p.clone())));
@@ -1009,7 +1013,10 @@ mod tests {
         p.validate().unwrap();
         // Unknown fields inside it are refused.
         let text = String::from_utf8(
-            HostMessage::Provision(Box::new(p)).encode().unwrap().to_vec(),
+            HostMessage::Provision(Box::new(p))
+                .encode()
+                .unwrap()
+                .to_vec(),
         )
         .unwrap()
         .replace("\"base\":null", "\"base\":null,\"extra\":1");

@@ -117,8 +117,8 @@ impl OutHeader {
             if len > MAX_OUT_REASON || bundle != 0 || patch != 0 {
                 return Err(OutHeaderError::BadReason);
             }
-            let text = std::str::from_utf8(&block[32..32 + len])
-                .map_err(|_| OutHeaderError::BadReason)?;
+            let text =
+                std::str::from_utf8(&block[32..32 + len]).map_err(|_| OutHeaderError::BadReason)?;
             if text.chars().any(char::is_control) {
                 return Err(OutHeaderError::BadReason);
             }
@@ -216,12 +216,12 @@ mod tests {
             b[32..32 + bytes.len()].copy_from_slice(bytes);
             OutHeader::decode(&b, 4096)
         };
+        assert_eq!(reason(u32::MAX, b"", false), Err(OutHeaderError::BadReason));
+        assert_eq!(reason(481, b"", false), Err(OutHeaderError::BadReason));
         assert_eq!(
-            reason(u32::MAX, b"", false),
+            reason(2, b"\xff\xfe", false),
             Err(OutHeaderError::BadReason)
         );
-        assert_eq!(reason(481, b"", false), Err(OutHeaderError::BadReason));
-        assert_eq!(reason(2, b"\xff\xfe", false), Err(OutHeaderError::BadReason));
         assert_eq!(reason(2, b"a\n", false), Err(OutHeaderError::BadReason));
         assert_eq!(reason(2, b"ok", true), Err(OutHeaderError::BadReason));
         assert!(reason(2, b"ok", false).unwrap().error.is_some());

@@ -902,6 +902,7 @@ fn audit(vault: &Vault, cmd: AuditCmd, j: bool) -> anyhow::Result<ExitStatus> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_session(
     vault: Vault,
     home: Option<PathBuf>,

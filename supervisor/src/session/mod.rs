@@ -14,8 +14,8 @@
 //! interactive TTY are not built yet (see ARCHITECTURE.md).
 
 mod provision;
-pub mod workspace;
 pub mod record;
+pub mod workspace;
 
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};

@@ -350,7 +350,9 @@ impl<R: Read> Read for Exactly<R> {
         if self.left == 0 {
             return Ok(0);
         }
-        let want = buf.len().min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let want = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
         let mut n = self.inner.read(&mut buf[..want])?;
         if n == 0 {
             buf[..want].fill(0);
@@ -567,7 +569,10 @@ pub fn finish(
 ) -> Option<Collected> {
     match collect(&disks.output, &output_dir(home, session)) {
         Ok(c) if c.patch_len == 0 => {
-            let _ = writeln!(stderr, "zerolease: the agent changed nothing in the workspace");
+            let _ = writeln!(
+                stderr,
+                "zerolease: the agent changed nothing in the workspace"
+            );
             Some(c)
         }
         Ok(c) => {
@@ -649,12 +654,11 @@ pub fn collect(out_disk: &Path, dest: &Path) -> Result<Collected, WorkspaceError
         let _ = std::fs::remove_file(&path);
         let mut file = create_private(&path)?;
         disk.seek(SeekFrom::Start(offset)).map_err(read)?;
-        let copied = io::copy(&mut disk.take(len), &mut file).map_err(|source| {
-            WorkspaceError::Write {
+        let copied =
+            io::copy(&mut disk.take(len), &mut file).map_err(|source| WorkspaceError::Write {
                 path: path.clone(),
                 source,
-            }
-        })?;
+            })?;
         if copied != len {
             return Err(WorkspaceError::BadResult(OutHeaderError::TooLong {
                 bundle: header.bundle_len,
@@ -838,7 +842,9 @@ fn git_line_names(rest: &str) -> Option<(String, String)> {
         }
         let (a, b) = rest.split_at((i + 1).min(rest.len()));
         let a = unquote(a)?.strip_prefix("a/")?.to_owned();
-        let b = unquote(b.strip_prefix(' ')?)?.strip_prefix("b/")?.to_owned();
+        let b = unquote(b.strip_prefix(' ')?)?
+            .strip_prefix("b/")?
+            .to_owned();
         return Some((a, b));
     }
     let rest = rest.strip_prefix("a/")?;
@@ -954,8 +960,7 @@ fn check_section(s: &mut Section) {
                     .ok_or(Refusal::Unparsable("bad quoting")),
                 &mut refusals,
             );
-        } else if line.starts_with("similarity index ")
-            || line.starts_with("dissimilarity index ")
+        } else if line.starts_with("similarity index ") || line.starts_with("dissimilarity index ")
         {
         } else {
             refusals.push(Refusal::Unparsable("an unknown header line"));

@@ -429,10 +429,13 @@ mod tests {
         let argv = build_argv(&s).unwrap();
         let argv = strings(&argv);
         let text = argv.join(" ");
-        assert!(text.contains(
-            "-drive file=/run/zl/abc123/workspace.tar,format=raw,if=none,id=r0,readonly=on \
+        assert!(
+            text.contains(
+                "-drive file=/run/zl/abc123/workspace.tar,format=raw,if=none,id=r0,readonly=on \
              -device virtio-blk-pci,drive=r0,serial=zl-ws-in"
-        ), "{text}");
+            ),
+            "{text}"
+        );
         assert!(text.contains(
             "-drive file=/run/zl/abc123/workspace-out.img,format=raw,if=none,id=r1,readonly=off \
              -device virtio-blk-pci,drive=r1,serial=zl-ws-out"
@@ -445,7 +448,11 @@ mod tests {
                 serial: bad.into(),
                 read_only: true,
             }];
-            assert_eq!(build_argv(&s), Err(ArgvError::BadSerial(bad.into())), "{bad:?}");
+            assert_eq!(
+                build_argv(&s),
+                Err(ArgvError::BadSerial(bad.into())),
+                "{bad:?}"
+            );
         }
         let mut s = spec();
         s.raw_disks = vec![RawDisk {

@@ -14,8 +14,11 @@ fn tree() -> tempfile::TempDir {
     std::fs::write(dir.path().join("outside/secret"), "do not copy").unwrap();
     std::os::unix::fs::symlink("/etc/passwd", root.join("passwd")).unwrap();
     std::os::unix::fs::symlink("../outside", root.join("out")).unwrap();
-    nix::unistd::mkfifo(&root.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o600))
-        .unwrap();
+    nix::unistd::mkfifo(
+        &root.join("fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+    )
+    .unwrap();
     let _sock = std::os::unix::net::UnixListener::bind(root.join("sock")).unwrap();
     dir
 }
@@ -38,10 +41,7 @@ fn the_tar_holds_files_dirs_and_symlinks_but_nothing_special_or_followed() {
         let path = entry.path().unwrap().display().to_string();
         let kind = entry.header().entry_type();
         let mode = entry.header().mode().unwrap();
-        let link = entry
-            .link_name()
-            .unwrap()
-            .map(|l| l.display().to_string());
+        let link = entry.link_name().unwrap().map(|l| l.display().to_string());
         let mut data = String::new();
         entry.read_to_string(&mut data).unwrap();
         seen.push((path, kind, mode, link, data));
@@ -84,17 +84,27 @@ fn long_names_survive() {
         .unwrap()
         .map(|e| e.unwrap().path().unwrap().display().to_string())
         .collect();
-    assert!(names.contains(&format!("{long}/{}", "f".repeat(150))), "{names:?}");
+    assert!(
+        names.contains(&format!("{long}/{}", "f".repeat(150))),
+        "{names:?}"
+    );
 }
 
 #[test]
 fn an_oversize_workspace_is_refused_with_its_size_and_the_fix() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("big"), vec![0u8; 300_000]).unwrap();
-    let err = prepare(dir.path(), (100_000, "resources.disk", "raise resources.disk")).unwrap_err();
+    let err = prepare(
+        dir.path(),
+        (100_000, "resources.disk", "raise resources.disk"),
+    )
+    .unwrap_err();
     let text = err.to_string();
     assert!(matches!(err, WorkspaceError::TooBig { .. }), "{text}");
-    assert!(text.contains("293.5 KiB") && text.contains("97.7 KiB"), "{text}");
+    assert!(
+        text.contains("293.5 KiB") && text.contains("97.7 KiB"),
+        "{text}"
+    );
     assert!(text.contains("raise resources.disk"), "{text}");
     // Under the limit it is fine, and without .git there is no base.
     let ok = prepare(dir.path(), (1 << 20, "", "")).unwrap();
@@ -362,16 +372,29 @@ fn apply_brings_regular_changes_and_refuses_the_rest() {
     git(&guest, &["commit", "-q", "-m", "agent"]);
     let patch = git(
         &guest,
-        &["diff", "--binary", "--full-index", "--no-ext-diff", "HEAD~1", "HEAD"],
+        &[
+            "diff",
+            "--binary",
+            "--full-index",
+            "--no-ext-diff",
+            "HEAD~1",
+            "HEAD",
+        ],
     );
 
     // By default: refused as a whole, naming both symlinks; nothing changed.
     let err = apply(patch.as_bytes(), &host, false).unwrap_err();
     let text = err.to_string();
-    assert!(text.contains("passwd: creates, changes or removes a symlink"), "{text}");
+    assert!(
+        text.contains("passwd: creates, changes or removes a symlink"),
+        "{text}"
+    );
     assert!(text.contains("outside: creates"), "{text}");
     assert!(text.contains("--skip-unsafe"), "{text}");
-    assert_eq!(std::fs::read_to_string(host.join("README")).unwrap(), "one\n");
+    assert_eq!(
+        std::fs::read_to_string(host.join("README")).unwrap(),
+        "one\n"
+    );
 
     // With --skip-unsafe: the rest lands, the symlinks do not.
     let done = apply(patch.as_bytes(), &host, true).unwrap();
@@ -381,11 +404,20 @@ fn apply_brings_regular_changes_and_refuses_the_rest() {
         std::fs::read_to_string(host.join("README")).unwrap(),
         "one\ntwo\n"
     );
-    assert_eq!(std::fs::read_to_string(host.join("added.txt")).unwrap(), "new\n");
-    assert_eq!(std::fs::read(host.join("bin.dat")).unwrap(), [9u8, 0, 8, 0, 7]);
+    assert_eq!(
+        std::fs::read_to_string(host.join("added.txt")).unwrap(),
+        "new\n"
+    );
+    assert_eq!(
+        std::fs::read(host.join("bin.dat")).unwrap(),
+        [9u8, 0, 8, 0, 7]
+    );
     assert!(std::fs::symlink_metadata(host.join("passwd")).is_err());
     assert!(std::fs::symlink_metadata(host.join("outside")).is_err());
-    assert_eq!(std::fs::read(host.join(".git/config")).unwrap(), config_before);
+    assert_eq!(
+        std::fs::read(host.join(".git/config")).unwrap(),
+        config_before
+    );
 
     // A patch that no longer applies changes nothing and says so.
     let err = apply(patch.as_bytes(), &host, true).unwrap_err();
