@@ -427,7 +427,9 @@ async fn drive(
         .unwrap_or_else(|| manifest.command.clone());
     let proxy_url = format!("http://{host}:{}", PORTS.connect);
     let mut provision = provision::build(vault, manifest, &leases, command, &proxy_url)?;
-    provision.workspace = ws.as_ref().map(|w| workspace::spec(w, &manifest.workdir));
+    if let Some(w) = &ws {
+        workspace::provision(&mut provision, w, manifest);
+    }
     send(&mut channel, &HostMessage::Provision(Box::new(provision))).await?;
 
     let (guest_tx, guest_rx) = mpsc::channel(64);

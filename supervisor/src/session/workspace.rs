@@ -550,12 +550,30 @@ pub fn for_session(
     prepare(dir, limit).map(Some)
 }
 
-/// What goes into `Provision`: the guest extracts into the agent's workdir.
-pub fn spec(prepared: &Prepared, workdir: &str) -> zerolease_protocol::WorkspaceSpec {
-    zerolease_protocol::WorkspaceSpec {
-        path: workdir.to_owned(),
-        base: prepared.base.clone(),
+/// Where the workspace goes in the guest: the manifest's `workdir` when it
+/// is below the agent's home (`/home/<user>`), else `/home/<user>/work` —
+/// never the home itself, which holds the provisioned (secret) files.
+pub fn guest_path(workdir: &str, user: &str) -> String {
+    let home = format!("/home/{user}");
+    let workdir = workdir.trim_end_matches('/');
+    match workdir.strip_prefix(&home) {
+        Some(rest) if rest.len() > 1 && rest.starts_with('/') => workdir.to_owned(),
+        _ => format!("{home}/work"),
     }
+}
+
+/// Adds the workspace to `Provision` and makes the agent start in it.
+pub fn provision(
+    provision: &mut zerolease_protocol::Provision,
+    prepared: &Prepared,
+    manifest: &crate::manifest::Manifest,
+) {
+    let path = guest_path(&manifest.workdir, &manifest.user);
+    provision.workdir = path.clone();
+    provision.workspace = Some(zerolease_protocol::WorkspaceSpec {
+        path,
+        base: prepared.base.clone(),
+    });
 }
 
 /// After the agent exited: copies the result into the session's output

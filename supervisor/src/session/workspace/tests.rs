@@ -501,3 +501,19 @@ fn collect_copies_within_bounds() {
     let err = collect(&disk, &dest).unwrap_err();
     assert!(err.to_string().contains("git commit failed"), "{err}");
 }
+
+#[test]
+fn the_guest_path_is_below_the_home() {
+    let cases = [
+        ("/home/agent", "agent", "/home/agent/work"),
+        ("/home/agent/", "agent", "/home/agent/work"),
+        ("/home/agent/proj", "agent", "/home/agent/proj"),
+        ("/home/agent/proj/", "agent", "/home/agent/proj"),
+        ("/srv", "agent", "/home/agent/work"),
+        ("/home/agentx", "agent", "/home/agent/work"),
+        ("/home/dev/src", "dev", "/home/dev/src"),
+    ];
+    for (workdir, user, want) in cases {
+        assert_eq!(guest_path(workdir, user), want, "{workdir}");
+    }
+}
