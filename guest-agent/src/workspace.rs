@@ -337,6 +337,7 @@ fn git(dir: &Path, uid: u32, gid: u32) -> Command {
 
 /// Runs `cmd`, returning its stdout, or its stderr as the error.
 fn run(mut cmd: Command, what: &str) -> Result<Vec<u8>, WorkspaceError> {
+    let _turn = reaper_turn();
     let out = cmd.output().map_err(|e| WorkspaceError::Git {
         what: what.to_owned(),
         stderr: e.to_string(),
@@ -357,6 +358,13 @@ fn run(mut cmd: Command, what: &str) -> Result<Vec<u8>, WorkspaceError> {
         });
     }
     Ok(out.stdout)
+}
+
+/// Keeps PID 1's orphan reaper from taking our git child's exit status.
+fn reaper_turn() -> std::sync::MutexGuard<'static, ()> {
+    crate::run::REAPER
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn one_line(out: Vec<u8>) -> String {
@@ -573,6 +581,7 @@ fn commit_changes(p: &Prepared) -> Result<String, WorkspaceError> {
     run(add, "add")?;
     let mut staged = git(dir, uid, gid);
     staged.args(["diff", "--cached", "--quiet", "--no-ext-diff"]);
+    let turn = reaper_turn();
     let changed = !staged
         .status()
         .map_err(|e| WorkspaceError::Git {
@@ -580,6 +589,7 @@ fn commit_changes(p: &Prepared) -> Result<String, WorkspaceError> {
             stderr: e.to_string(),
         })?
         .success();
+    drop(turn);
     if changed {
         let mut commit = git(dir, uid, gid);
         commit.args([
@@ -598,6 +608,7 @@ fn commit_changes(p: &Prepared) -> Result<String, WorkspaceError> {
 /// `room` bytes; returns how many were written.
 fn stream(mut cmd: Command, what: &str, disk: &mut File, room: u64) -> Result<u64, WorkspaceError> {
     cmd.stdout(Stdio::piped()).stderr(Stdio::null());
+    let _turn = reaper_turn();
     let mut child = cmd.spawn().map_err(|e| WorkspaceError::Git {
         what: what.to_owned(),
         stderr: e.to_string(),

@@ -119,13 +119,20 @@ fn workspace_changes_come_back_as_a_safe_patch() {
     assert!(out.contains("pwd=/home/agent/work"), "{out}");
     assert!(err.contains("zerolease diff"), "{err}");
     // The host tree was not touched during the session.
-    assert_eq!(snapshot(&repo), before, "the workspace changed during the session");
+    assert_eq!(
+        snapshot(&repo),
+        before,
+        "the workspace changed during the session"
+    );
 
     let dir = workspace::output_dir(&w.home(), &outcome.session);
     let patch = std::fs::read(dir.join(workspace::PATCH_FILE)).unwrap();
     let text = String::from_utf8_lossy(&patch);
     assert!(text.contains("+edited in the VM"), "{text}");
-    assert!(text.contains("b/added.txt") && text.contains("+brand new"), "{text}");
+    assert!(
+        text.contains("b/added.txt") && text.contains("+brand new"),
+        "{text}"
+    );
     assert!(!text.contains(".git/"), "{text}");
     assert!(!text.contains(CANARY));
     // What `zerolease diff` warns about: exactly the two symlinks.
@@ -166,7 +173,10 @@ fn workspace_changes_come_back_as_a_safe_patch() {
     assert!(std::fs::symlink_metadata(repo.join("passwd-link")).is_err());
     assert!(std::fs::symlink_metadata(repo.join("outside-link")).is_err());
     assert_eq!(snapshot(&repo.join(".git/hooks")), hooks_before);
-    assert_eq!(std::fs::read(repo.join(".git/config")).unwrap(), config_before);
+    assert_eq!(
+        std::fs::read(repo.join(".git/config")).unwrap(),
+        config_before
+    );
     // The user goes on with ordinary git (hooks on): nothing planted runs.
     git(&repo, &["add", "-A"]);
     git(&repo, &["commit", "-q", "-m", "agent's work"]);
@@ -209,7 +219,10 @@ fn an_oversize_workspace_is_refused_before_boot() {
     let err = result.unwrap_err();
     let text = err.to_string();
     assert!(matches!(err, SessionError::Workspace(_)), "{text}");
-    assert!(text.contains("40.0 MiB") && text.contains("32.0 MiB"), "{text}");
+    assert!(
+        text.contains("40.0 MiB") && text.contains("32.0 MiB"),
+        "{text}"
+    );
     assert!(text.contains("raise resources.memory"), "{text}");
     assert!(started.elapsed().as_secs() < 10, "it booted first");
     // Nothing was set up: no runtime directory, no QEMU.
