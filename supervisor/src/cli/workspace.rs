@@ -17,9 +17,16 @@ use crate::session::record::SessionRecord;
 use crate::session::workspace::{self, ApplyError, BUNDLE_FILE, PATCH_FILE};
 
 fn load(home: &StateDir, session: &str) -> anyhow::Result<Option<(SessionRecord, PathBuf)>> {
-    let Ok(record) = SessionRecord::load(home, session) else {
-        eprintln!("error: no session `{session}`; `zerolease ps --all` lists them");
-        return Ok(None);
+    let record = match SessionRecord::load(home, session) {
+        Ok(r) => r,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!("error: no session `{session}`; `zerolease ps --all` lists them");
+            return Ok(None);
+        }
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("cannot read the record of session `{session}`"));
+        }
     };
     let dir = workspace::output_dir(home, &record.id);
     Ok(Some((record, dir)))
