@@ -1099,6 +1099,46 @@ impl Drop for TempDir {
     }
 }
 
+/// Properties of [`check_patch`] and [`OutHeader::decode`] on arbitrary
+/// bytes, beyond "does not panic"; the fuzz target `workspace_result` and a
+/// proptest call this. Panics when one fails.
+pub fn check_result_properties(data: &[u8]) {
+    // The header: lengths that fit the "disk", and a round trip.
+    if let Ok(header) = OutHeader::decode(data, data.len() as u64) {
+        let total = header.bundle_len + header.patch_len + OUT_HEADER_LEN as u64;
+        assert!(total <= data.len() as u64, "{header:?} does not fit");
+        if header.error.is_some() {
+            assert_eq!((header.bundle_len, header.patch_len), (0, 0));
+        }
+        assert_eq!(
+            OutHeader::decode(&header.encode(), data.len() as u64).as_ref(),
+            Ok(&header)
+        );
+    }
+    // The patch: every section but a refused preamble starts a file; a
+    // section let through names paths and every one passes `check_path`;
+    // the safe patch re-checks as safe, section for section.
+    let sections = check_patch(data);
+    for (i, s) in sections.iter().enumerate() {
+        if s.refusals.is_empty() {
+            assert!(s.text.starts_with(b"diff --git "));
+            assert!(!s.paths.is_empty());
+            for p in &s.paths {
+                assert_eq!(check_path(p), Ok(()), "{p:?} let through");
+            }
+        } else if !s.text.starts_with(b"diff --git ") {
+            assert_eq!(i, 0, "a preamble that is not first");
+        }
+    }
+    let safe = safe_patch(&sections);
+    let again = check_patch(&safe);
+    assert_eq!(
+        again.len(),
+        sections.iter().filter(|s| s.refusals.is_empty()).count()
+    );
+    assert!(again.iter().all(|s| s.refusals.is_empty()));
+}
+
 /// What `apply` did.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Applied {

@@ -517,3 +517,56 @@ fn the_guest_path_is_below_the_home() {
         assert_eq!(guest_path(workdir, user), want, "{workdir}");
     }
 }
+
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Lines a patch header is made of, hostile ones included.
+    fn line() -> impl Strategy<Value = String> {
+        let path = prop_oneof![
+            Just("README".to_owned()),
+            Just(".git/hooks/x".to_owned()),
+            Just("../x".to_owned()),
+            Just("/etc/passwd".to_owned()),
+            Just("\"\\056git/config\"".to_owned()),
+            Just("a b".to_owned()),
+            "[a-z./]{1,12}",
+        ];
+        let mode = prop_oneof![
+            Just("100644"),
+            Just("100755"),
+            Just("120000"),
+            Just("160000"),
+            Just("040000")
+        ];
+        prop_oneof![
+            path.clone().prop_map(|p| format!("diff --git a/{p} b/{p}")),
+            mode.clone().prop_map(|m| format!("new file mode {m}")),
+            mode.clone().prop_map(|m| format!("old mode {m}")),
+            mode.prop_map(|m| format!("index 1111111..2222222 {m}")),
+            path.clone().prop_map(|p| format!("--- a/{p}")),
+            path.clone().prop_map(|p| format!("+++ b/{p}")),
+            path.clone().prop_map(|p| format!("rename from {p}")),
+            path.prop_map(|p| format!("rename to {p}")),
+            Just("--- /dev/null".to_owned()),
+            Just("@@ -0,0 +1 @@".to_owned()),
+            Just("+content".to_owned()),
+            Just("GIT binary patch".to_owned()),
+            "[ -~]{0,20}",
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes(data in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            check_result_properties(&data);
+        }
+
+        #[test]
+        fn patch_like_text(lines in proptest::collection::vec(line(), 0..40)) {
+            let text = lines.join("\n");
+            check_result_properties(text.as_bytes());
+        }
+    }
+}
