@@ -138,6 +138,10 @@ enum Command {
         /// instead of refusing the whole patch.
         #[arg(long)]
         skip_unsafe: bool,
+        /// Let symlinks through whose targets stay in the tree (relative,
+        /// not into `.git`, not through another symlink).
+        #[arg(long)]
+        allow_symlinks: bool,
     },
 }
 
@@ -363,10 +367,14 @@ pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitCode> {
             session,
             to,
             skip_unsafe,
+            allow_symlinks,
         } => {
             let home = StateDir::resolve(cli.home.clone())?;
-            return workspace::apply(&home, session, to.clone(), *skip_unsafe, cli.json)
-                .map(Into::into);
+            let options = crate::session::workspace::ApplyOptions {
+                skip_unsafe: *skip_unsafe,
+                allow_symlinks: *allow_symlinks,
+            };
+            return workspace::apply(&home, session, to.clone(), options, cli.json).map(Into::into);
         }
         _ => {}
     }
@@ -424,11 +432,15 @@ pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitCode> {
             session,
             to,
             skip_unsafe,
+            allow_symlinks,
         } => workspace::apply(
             &StateDir::resolve(cli.home.clone())?,
             &session,
             to,
-            skip_unsafe,
+            crate::session::workspace::ApplyOptions {
+                skip_unsafe,
+                allow_symlinks,
+            },
             j,
         ),
         Command::Key(KeyCmd::Rotate { to }) => {

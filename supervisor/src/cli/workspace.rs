@@ -102,12 +102,12 @@ pub fn diff(home: &StateDir, session: &str, stat: bool, j: bool) -> anyhow::Resu
     Ok(ExitStatus::Success)
 }
 
-/// `zerolease apply SESSION [--to DIR] [--skip-unsafe]`.
+/// `zerolease apply SESSION [--to DIR] [--skip-unsafe] [--allow-symlinks]`.
 pub fn apply(
     home: &StateDir,
     session: &str,
     to: Option<PathBuf>,
-    skip_unsafe: bool,
+    options: workspace::ApplyOptions,
     j: bool,
 ) -> anyhow::Result<ExitStatus> {
     let Some((record, dir)) = load(home, session)? else {
@@ -141,7 +141,7 @@ pub fn apply(
         }
         Ok(status)
     };
-    match workspace::apply(&patch, &to, skip_unsafe) {
+    match workspace::apply(&patch, &to, options) {
         Ok(done) => {
             if j {
                 let refused: Vec<_> = done

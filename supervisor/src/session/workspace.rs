@@ -714,6 +714,8 @@ pub fn collect(out_disk: &Path, dest: &Path) -> Result<Collected, WorkspaceError
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
     Symlink,
+    /// A symlink `--allow-symlinks` did not let through.
+    SymlinkOutside,
     Gitlink,
     GitDir,
     Escapes,
@@ -725,6 +727,9 @@ impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Refusal::Symlink => f.write_str("creates, changes or removes a symlink"),
+            Refusal::SymlinkOutside => f.write_str(
+                "is a symlink that points out of the tree, into .git, or through another symlink",
+            ),
             Refusal::Gitlink => f.write_str("creates or changes a submodule (gitlink)"),
             Refusal::GitDir => f.write_str("touches a path under .git/"),
             Refusal::Escapes => {
@@ -1139,6 +1144,102 @@ pub fn check_result_properties(data: &[u8]) {
     assert!(again.iter().all(|s| s.refusals.is_empty()));
 }
 
+/// Whether a symlink at `link` (a checked path) pointing at `target` stays
+/// in the tree: a relative target whose components, taken from the link's
+/// directory, never climb above the root and never name `.git`.
+pub fn symlink_target_in_tree(link: &str, target: &str) -> bool {
+    if target.is_empty() || target.starts_with('/') || target.contains(['\0', '\\']) {
+        return false;
+    }
+    let mut at: Vec<&str> = link.split('/').collect();
+    at.pop();
+    for part in target.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                if at.pop().is_none() {
+                    return false;
+                }
+            }
+            p if is_dot_git(p) => return false,
+            p => at.push(p),
+        }
+    }
+    true
+}
+
+/// For a section refused only because it is a symlink change: the link's
+/// path and its new target (`None` when the link is removed). `None` for
+/// anything else (renames, binary patches, several `+` lines).
+fn symlink_change(section: &Section) -> Option<(String, Option<String>)> {
+    if section.refusals != [Refusal::Symlink] || section.paths.len() != 1 {
+        return None;
+    }
+    let text = std::str::from_utf8(&section.text).ok()?;
+    let mut in_hunk = false;
+    let mut deleted = false;
+    let mut added = Vec::new();
+    for line in text.lines().skip(1) {
+        if !in_hunk {
+            if line.starts_with("GIT binary patch") || line.starts_with("Binary files ") {
+                return None;
+            }
+            if line.starts_with("deleted file mode ") {
+                deleted = true;
+            }
+            in_hunk = line.starts_with("@@");
+            continue;
+        }
+        if let Some(t) = line.strip_prefix('+') {
+            added.push(t);
+        } else if line.starts_with("@@") {
+            return None;
+        }
+    }
+    let link = section.paths[0].clone();
+    match (deleted, added.as_slice()) {
+        (true, []) => Some((link, None)),
+        (false, [target]) => Some((link, Some((*target).to_owned()))),
+        _ => None,
+    }
+}
+
+/// Whether `section`, a symlink change, may be applied to `to` under
+/// `--allow-symlinks`: the target stays in the tree and no directory on the
+/// way to it is a symlink, neither one already in `to` nor one the patch
+/// creates (`links`).
+fn symlink_allowed(section: &Section, to: &Path, links: &BTreeSet<String>) -> bool {
+    let Some((link, target)) = symlink_change(section) else {
+        return false;
+    };
+    let Some(target) = target else {
+        return true;
+    };
+    if !symlink_target_in_tree(&link, &target) {
+        return false;
+    }
+    // Every prefix of the resolved target, as a tree path.
+    let mut at: Vec<&str> = link.split('/').collect();
+    at.pop();
+    for part in target.split('/') {
+        match part {
+            "" | "." => continue,
+            ".." => {
+                at.pop();
+                continue;
+            }
+            p => at.push(p),
+        }
+        let prefix = at.join("/");
+        if links.contains(&prefix)
+            || std::fs::symlink_metadata(to.join(&prefix)).is_ok_and(|m| m.file_type().is_symlink())
+        {
+            return false;
+        }
+    }
+    true
+}
+
 /// What `apply` did.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Applied {
@@ -1156,7 +1257,8 @@ pub enum ApplyError {
     Workspace(#[from] WorkspaceError),
     #[error(
         "the patch has {} change(s) zerolease will not apply:\n{}\nnothing was applied; \
-         rerun with --skip-unsafe to apply the other changes without these",
+         rerun with --skip-unsafe to apply the other changes without these \
+         (--allow-symlinks lets symlinks that stay in the tree through)",
         .0.len(),
         .0.iter().map(|(p, r)| format!("  {p}: {r}")).collect::<Vec<_>>().join("\n")
     )]
@@ -1165,13 +1267,42 @@ pub enum ApplyError {
     DoesNotApply { to: PathBuf, stderr: String },
 }
 
+/// How `apply` treats refused changes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApplyOptions {
+    /// Apply the safe changes and report the refused ones, instead of
+    /// refusing the whole patch.
+    pub skip_unsafe: bool,
+    /// Let symlinks whose targets stay in the tree through
+    /// ([`symlink_target_in_tree`], and not through another symlink).
+    pub allow_symlinks: bool,
+}
+
 /// Applies a session's patch to `to` with host git (working tree only): the
 /// patch is checked first ([`check_patch`], [`git_agrees`]); unsafe
 /// sections make it refuse everything unless `skip_unsafe`, which applies
 /// the rest and reports them. `git apply --check` runs first, so a patch
 /// that does not apply changes nothing.
-pub fn apply(patch: &[u8], to: &Path, skip_unsafe: bool) -> Result<Applied, ApplyError> {
-    let sections = check_patch(patch);
+pub fn apply(patch: &[u8], to: &Path, options: ApplyOptions) -> Result<Applied, ApplyError> {
+    let mut sections = check_patch(patch);
+    if options.allow_symlinks {
+        let links: BTreeSet<String> = sections
+            .iter()
+            .filter_map(symlink_change)
+            .map(|(link, _)| link)
+            .collect();
+        let allowed: Vec<bool> = sections
+            .iter()
+            .map(|s| symlink_allowed(s, to, &links))
+            .collect();
+        for (s, ok) in sections.iter_mut().zip(allowed) {
+            if ok {
+                s.refusals.clear();
+            } else if s.refusals == [Refusal::Symlink] {
+                s.refusals = vec![Refusal::SymlinkOutside];
+            }
+        }
+    }
     let refused: Vec<(String, String)> = sections
         .iter()
         .filter(|s| !s.refusals.is_empty())
@@ -1185,7 +1316,7 @@ pub fn apply(patch: &[u8], to: &Path, skip_unsafe: bool) -> Result<Applied, Appl
             (s.display_path(), why)
         })
         .collect();
-    if !refused.is_empty() && !skip_unsafe {
+    if !refused.is_empty() && !options.skip_unsafe {
         return Err(ApplyError::Unsafe(refused));
     }
     let safe: Vec<&Section> = sections.iter().filter(|s| s.refusals.is_empty()).collect();

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use zerolease::session::workspace::{self, ApplyError};
+use zerolease::session::workspace::{self, ApplyError, ApplyOptions};
 use zerolease::session::{self, SessionError};
 use zerolease_tests::require_root_and_tools;
 
@@ -15,7 +15,8 @@ use crate::session::{CANARY, MANIFEST, SessionWorld, image_ready};
 
 /// The agent: edits a tracked file, adds one, plants three hooks and
 /// hostile config (each would touch a marker under `@MARK@` if it ever ran
-/// on the host), and makes two symlinks that point out of the tree.
+/// on the host), makes two symlinks that point out of the tree and one that
+/// stays in it.
 const SCRIPT: &str = r#"
 echo "pwd=$(pwd)"
 echo "edited in the VM" >> README
@@ -28,6 +29,7 @@ git config core.fsmonitor "touch @MARK@/fsmonitor"
 git config core.hooksPath .git/hooks
 ln -s /etc/passwd passwd-link
 ln -s ../../outside outside-link
+ln -s README readme-link
 echo "token-in-tree=$(ls /home/agent/.config/api 2>/dev/null | wc -l)"
 exit 0
 "#;
@@ -141,7 +143,7 @@ fn workspace_changes_come_back_as_a_safe_patch() {
         .filter(|s| !s.refusals.is_empty())
         .map(|s| s.display_path())
         .collect();
-    assert_eq!(refused, vec!["outside-link", "passwd-link"]);
+    assert_eq!(refused, vec!["outside-link", "passwd-link", "readme-link"]);
     // The bundle is there and fits on the host's base commit.
     let bundle = dir.join(workspace::BUNDLE_FILE);
     assert!(!String::from_utf8_lossy(&std::fs::read(&bundle).unwrap()).contains(CANARY));
@@ -150,7 +152,7 @@ fn workspace_changes_come_back_as_a_safe_patch() {
     let hooks_before = snapshot(&repo.join(".git/hooks"));
     let config_before = std::fs::read(repo.join(".git/config")).unwrap();
     // Plain `apply`: refused as a whole, naming the symlinks; nothing changes.
-    let refusal = workspace::apply(&patch, &repo, false).unwrap_err();
+    let refusal = workspace::apply(&patch, &repo, ApplyOptions::default()).unwrap_err();
     let message = refusal.to_string();
     assert!(matches!(refusal, ApplyError::Unsafe(_)), "{message}");
     assert!(
@@ -158,9 +160,18 @@ fn workspace_changes_come_back_as_a_safe_patch() {
         "{message}"
     );
     assert_eq!(snapshot(&repo), before);
-    // `--skip-unsafe`: the regular changes land, the symlinks do not.
-    let done = workspace::apply(&patch, &repo, true).unwrap();
-    assert_eq!(done.applied, vec!["README", "added.txt"]);
+    // `--skip-unsafe --allow-symlinks`: the regular changes and the in-tree
+    // symlink land, the two pointing out of the tree do not.
+    let options = ApplyOptions {
+        skip_unsafe: true,
+        allow_symlinks: true,
+    };
+    let done = workspace::apply(&patch, &repo, options).unwrap();
+    assert_eq!(done.applied, vec!["README", "added.txt", "readme-link"]);
+    assert_eq!(
+        std::fs::read_link(repo.join("readme-link")).unwrap(),
+        PathBuf::from("README")
+    );
     assert_eq!(done.refused.len(), 2);
     assert_eq!(
         std::fs::read_to_string(repo.join("README")).unwrap(),

@@ -317,6 +317,15 @@ fn sanitize_defuses_terminal_escapes() {
     assert_eq!(sanitize("a\x1b[2Jb\n\tc\r"), "a\\x1b[2Jb\n\tc\\x0d");
 }
 
+const STRICT: ApplyOptions = ApplyOptions {
+    skip_unsafe: false,
+    allow_symlinks: false,
+};
+const SKIP: ApplyOptions = ApplyOptions {
+    skip_unsafe: true,
+    allow_symlinks: false,
+};
+
 fn git(dir: &Path, args: &[&str]) -> String {
     let out = host_git(dir)
         .args(["-c", "user.name=t", "-c", "user.email=t@example.invalid"])
@@ -383,7 +392,7 @@ fn apply_brings_regular_changes_and_refuses_the_rest() {
     );
 
     // By default: refused as a whole, naming both symlinks; nothing changed.
-    let err = apply(patch.as_bytes(), &host, false).unwrap_err();
+    let err = apply(patch.as_bytes(), &host, STRICT).unwrap_err();
     let text = err.to_string();
     assert!(
         text.contains("passwd: creates, changes or removes a symlink"),
@@ -397,7 +406,7 @@ fn apply_brings_regular_changes_and_refuses_the_rest() {
     );
 
     // With --skip-unsafe: the rest lands, the symlinks do not.
-    let done = apply(patch.as_bytes(), &host, true).unwrap();
+    let done = apply(patch.as_bytes(), &host, SKIP).unwrap();
     assert_eq!(done.applied, vec!["README", "added.txt", "bin.dat"]);
     assert_eq!(done.refused.len(), 2);
     assert_eq!(
@@ -420,7 +429,7 @@ fn apply_brings_regular_changes_and_refuses_the_rest() {
     );
 
     // A patch that no longer applies changes nothing and says so.
-    let err = apply(patch.as_bytes(), &host, true).unwrap_err();
+    let err = apply(patch.as_bytes(), &host, SKIP).unwrap_err();
     assert!(matches!(err, ApplyError::DoesNotApply { .. }), "{err}");
 }
 
@@ -568,5 +577,99 @@ mod props {
             let text = lines.join("\n");
             check_result_properties(text.as_bytes());
         }
+    }
+}
+
+#[test]
+fn symlink_targets() {
+    let cases = [
+        ("link", "README", true),
+        ("a/link", "../README", true),
+        ("a/b/link", "../../src/lib.rs", true),
+        ("link", "./x/./y", true),
+        ("link", ".", true),
+        ("link", "../outside", false),
+        ("a/link", "../../outside", false),
+        ("link", "/etc/passwd", false),
+        ("link", ".git/hooks", false),
+        ("link", "x/../.git", false),
+        ("link", ".GIT/config", false),
+        ("a/link", "b/../../..", false),
+        ("link", "", false),
+        ("link", "a\\..\\..\\x", false),
+    ];
+    for (link, target, ok) in cases {
+        assert_eq!(
+            symlink_target_in_tree(link, target),
+            ok,
+            "{link} -> {target}"
+        );
+    }
+}
+
+#[test]
+fn allow_symlinks_lets_only_in_tree_links_through() {
+    if !have_git() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let guest = dir.path().join("guest");
+    std::fs::create_dir_all(guest.join("src")).unwrap();
+    git(&guest, &["init", "-q", "-b", "main"]);
+    std::fs::write(guest.join("src/lib.rs"), "x\n").unwrap();
+    std::os::unix::fs::symlink("/etc", guest.join("h")).unwrap();
+    git(&guest, &["add", "-A"]);
+    git(&guest, &["commit", "-q", "-m", "base"]);
+    git(dir.path(), &["clone", "-q", "guest", "host"]);
+    let host = dir.path().join("host");
+
+    for (name, target) in [
+        ("in", "src/lib.rs"),
+        ("up", "../x"),
+        ("gitl", ".git/hooks"),
+        ("via", "h/passwd"),
+        ("chain", "in"),
+    ] {
+        std::os::unix::fs::symlink(target, guest.join(name)).unwrap();
+    }
+    git(&guest, &["add", "-A"]);
+    git(&guest, &["commit", "-q", "-m", "links"]);
+    let patch = git(
+        &guest,
+        &["diff", "--binary", "--full-index", "HEAD~1", "HEAD"],
+    );
+    let allow = ApplyOptions {
+        skip_unsafe: false,
+        allow_symlinks: true,
+    };
+    let err = apply(patch.as_bytes(), &host, allow)
+        .unwrap_err()
+        .to_string();
+    for refused in ["up", "gitl", "via", "chain"] {
+        assert!(
+            err.contains(&format!("  {refused}: is a symlink that points out")),
+            "{err}"
+        );
+    }
+    assert!(!err.contains("  in:"), "{err}");
+    let done = apply(
+        patch.as_bytes(),
+        &host,
+        ApplyOptions {
+            skip_unsafe: true,
+            allow_symlinks: true,
+        },
+    )
+    .unwrap();
+    assert_eq!(done.applied, vec!["in"]);
+    assert_eq!(
+        std::fs::read_link(host.join("in")).unwrap(),
+        PathBuf::from("src/lib.rs")
+    );
+    for gone in ["up", "gitl", "via", "chain"] {
+        assert!(
+            std::fs::symlink_metadata(host.join(gone)).is_err(),
+            "{gone}"
+        );
     }
 }
