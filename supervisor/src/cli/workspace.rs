@@ -177,3 +177,78 @@ pub fn apply(
         Err(e) => refuse(&e, ExitStatus::Failure),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::super::{Cli, Command};
+
+    fn parse(args: &[&str]) -> Command {
+        Cli::try_parse_from(args).unwrap().command
+    }
+
+    #[test]
+    fn the_workspace_commands_parse() {
+        match parse(&["zerolease", "run", "--workspace", "proj", "m.yaml"]) {
+            Command::Run {
+                workspace,
+                manifest,
+                ..
+            } => {
+                assert_eq!(workspace.as_deref(), Some(std::path::Path::new("proj")));
+                assert_eq!(manifest, std::path::PathBuf::from("m.yaml"));
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse(&["zerolease", "diff", "--stat", "abc"]) {
+            Command::Diff { session, stat } => assert!(stat && session == "abc"),
+            other => panic!("{other:?}"),
+        }
+        match parse(&[
+            "zerolease",
+            "apply",
+            "abc",
+            "--to",
+            "/tmp/x",
+            "--skip-unsafe",
+            "--allow-symlinks",
+        ]) {
+            Command::Apply {
+                session,
+                to,
+                skip_unsafe,
+                allow_symlinks,
+            } => {
+                assert_eq!(session, "abc");
+                assert_eq!(to.as_deref(), Some(std::path::Path::new("/tmp/x")));
+                assert!(skip_unsafe && allow_symlinks);
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse(&["zerolease", "apply", "abc"]) {
+            Command::Apply {
+                to,
+                skip_unsafe,
+                allow_symlinks,
+                ..
+            } => assert!(to.is_none() && !skip_unsafe && !allow_symlinks),
+            other => panic!("{other:?}"),
+        }
+        assert!(Cli::try_parse_from(["zerolease", "apply"]).is_err());
+    }
+
+    #[test]
+    fn diff_and_apply_report_a_missing_session() {
+        let home = tempfile::tempdir().unwrap();
+        let home = crate::home::StateDir::at(home.path());
+        assert_eq!(
+            super::diff(&home, "nope", false, false).unwrap(),
+            super::ExitStatus::NotFound
+        );
+        assert_eq!(
+            super::apply(&home, "nope", None, Default::default(), false).unwrap(),
+            super::ExitStatus::NotFound
+        );
+    }
+}
