@@ -371,10 +371,10 @@ async fn drive(
         })?;
     held.runtime_dir = Some(runtime_dir.clone());
     let control = control_listener(&record::control_socket(&runtime_dir))?;
-    let disks = ws
-        .as_ref()
-        .map(|w| workspace::write_disks(w, &runtime_dir))
-        .transpose()?;
+    let disks = match &ws {
+        Some(w) => Some(workspace::write_disks_off_runtime(w, &runtime_dir).await?),
+        None => None,
+    };
 
     let tap = jail::tap::open_tap(&link)?;
     let spec = VmSpec {

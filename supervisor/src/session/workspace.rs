@@ -626,6 +626,21 @@ pub fn chain(err: &dyn std::error::Error) -> String {
     sanitize(&text)
 }
 
+/// [`write_disks`] on tokio's blocking pool, so a large workspace does not
+/// stall the runtime the session's proxy runs on.
+pub async fn write_disks_off_runtime(
+    prepared: &Prepared,
+    runtime_dir: &Path,
+) -> Result<Disks, WorkspaceError> {
+    let (p, dir) = (prepared.clone(), runtime_dir.to_owned());
+    tokio::task::spawn_blocking(move || write_disks(&p, &dir))
+        .await
+        .map_err(|e| WorkspaceError::Write {
+            path: runtime_dir.join(IN_DISK),
+            source: io::Error::other(e.to_string()),
+        })?
+}
+
 /// What came back from the guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Collected {
