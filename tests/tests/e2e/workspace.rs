@@ -245,3 +245,53 @@ fn an_oversize_workspace_is_refused_before_boot() {
                 .is_none()
     );
 }
+
+/// A directory that is not a git repository: the guest makes one with a base
+/// commit, and the patch applies back to the plain directory.
+#[test]
+fn a_plain_directory_workspace_round_trips() {
+    if !require_root_and_tools(&["ip", "nft", "qemu-system-x86_64", "git"]) || !image_ready() {
+        return;
+    }
+    let manifest = MANIFEST.replace(
+        "resources: { memory: 384MiB }",
+        "resources: { memory: 384MiB }\nworkspace: plain\nworkdir: /home/agent/src",
+    );
+    let script =
+        "echo \"pwd=$(pwd) log=$(git log --format=%s)\"; echo changed > notes.txt; rm gone.txt";
+    let w = SessionWorld::with_manifest(&manifest, script);
+    let plain = w.dir.path().join("plain");
+    std::fs::create_dir_all(&plain).unwrap();
+    std::fs::write(plain.join("notes.txt"), "original\n").unwrap();
+    std::fs::write(plain.join("gone.txt"), "to be removed\n").unwrap();
+    let vault = w.vault.clone();
+    let manifest = w.manifest.clone();
+    let config = w.config();
+    let (outcome, out, err) = w.host.block_on(|| async {
+        let mut out = Vec::new();
+        let mut err = Vec::new();
+        let outcome = session::run(vault, manifest, config, &mut out, &mut err).await;
+        (outcome, out, err)
+    });
+    let out = String::from_utf8_lossy(&out).into_owned();
+    let err = String::from_utf8_lossy(&err).into_owned();
+    let outcome = outcome.unwrap_or_else(|e| panic!("the session failed: {e}\n{out}\n{err}"));
+    assert_eq!(outcome.code, Some(0), "{out}\n{err}");
+    // The manifest's workdir (below the home) is where the copy went, as a
+    // repository with one base commit.
+    assert!(
+        out.contains("pwd=/home/agent/src log=zerolease: the workspace as copied"),
+        "{out}"
+    );
+    let dir = workspace::output_dir(&w.home(), &outcome.session);
+    let patch = std::fs::read(dir.join(workspace::PATCH_FILE)).unwrap();
+    let done = workspace::apply(&patch, &plain, ApplyOptions::default()).unwrap();
+    assert_eq!(done.applied, vec!["gone.txt", "notes.txt"]);
+    assert_eq!(
+        std::fs::read_to_string(plain.join("notes.txt")).unwrap(),
+        "changed\n"
+    );
+    assert!(!plain.join("gone.txt").exists());
+    assert!(!plain.join(".git").exists());
+    w.assert_no_leftovers(&outcome.session);
+}

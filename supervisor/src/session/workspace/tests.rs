@@ -673,3 +673,30 @@ fn allow_symlinks_lets_only_in_tree_links_through() {
         );
     }
 }
+
+#[test]
+fn apply_works_on_a_plain_directory_too() {
+    if !have_git() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join("plain");
+    std::fs::create_dir_all(&plain).unwrap();
+    std::fs::write(plain.join("README"), "old\n").unwrap();
+    let done = apply(
+        format!("{EDIT}{NEW_FILE}").as_bytes(),
+        &plain,
+        ApplyOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(done.applied, vec!["README", "new.txt"]);
+    assert_eq!(
+        std::fs::read_to_string(plain.join("README")).unwrap(),
+        "new\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(plain.join("new.txt")).unwrap(),
+        "hi\n"
+    );
+    assert!(!plain.join(".git").exists());
+}
