@@ -20,7 +20,8 @@
 //! SecretsUpdated | UpdateSecretsFailed →
 //!                                  ←  Revoke {scrub}
 //! Revoked                          →  (agent processes killed, files gone)
-//! Exited {code, signal}            →  (after all output)
+//! Exited {code, signal}            →  (after all output, and after the
+//!                                      workspace's result is on its disk)
 //!                                  ←  Shutdown  → serve returns, PID 1 powers off
 //! ```
 //!
