@@ -198,6 +198,16 @@ fn workspace_changes_come_back_as_a_safe_patch() {
         0,
         "a planted hook ran on the host"
     );
+    // No new output holds the canary: the session's files, its record, the
+    // messages on stderr.
+    assert!(!err.contains(CANARY));
+    for (path, data) in snapshot(&w.home().root().join("sessions")) {
+        assert!(
+            !String::from_utf8_lossy(&data).contains(CANARY),
+            "{} holds the canary",
+            path.display()
+        );
+    }
     w.assert_no_leftovers(&outcome.session);
 }
 
