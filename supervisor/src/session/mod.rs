@@ -287,6 +287,9 @@ async fn drive(
 ) -> Result<RunOutcome, SessionError> {
     let image: VerifiedImage = image::verify_named(&manifest.image, config.images.as_deref())?;
     let ws = workspace::for_session(manifest, config.workspace.as_deref())?;
+    if let Some(w) = &ws {
+        workspace::announce(w, stderr);
+    }
     let id = JailId::parse(&crate::vault::crypto::random_hex(5).map_err(VaultError::from)?)?;
     let session = id.as_str().to_owned();
     held.session = Some(session.clone());

@@ -550,6 +550,39 @@ pub fn for_session(
     prepare(dir, limit).map(Some)
 }
 
+/// Tells the user (on `stderr`) what is copied in, and which special files
+/// are left out.
+pub fn announce(prepared: &Prepared, stderr: &mut (dyn Write + Send)) {
+    let _ = writeln!(
+        stderr,
+        "zerolease: copying the workspace {} into the VM ({} entries, {})",
+        prepared.root.display(),
+        prepared.summary.entries,
+        human(prepared.summary.bytes)
+    );
+    if !prepared.summary.skipped.is_empty() {
+        let names: Vec<String> = prepared
+            .summary
+            .skipped
+            .iter()
+            .take(10)
+            .map(|p| sanitize(&p.display().to_string()))
+            .collect();
+        let more = prepared.summary.skipped.len().saturating_sub(names.len());
+        let _ = writeln!(
+            stderr,
+            "zerolease: left out {} special file(s) (sockets, devices, fifos): {}{}",
+            prepared.summary.skipped.len(),
+            names.join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
+        );
+    }
+}
+
 /// Where the workspace goes in the guest: the manifest's `workdir` when it
 /// is below the agent's home (`/home/<user>`), else `/home/<user>/work` —
 /// never the home itself, which holds the provisioned (secret) files.

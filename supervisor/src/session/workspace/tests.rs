@@ -700,3 +700,17 @@ fn apply_works_on_a_plain_directory_too() {
     );
     assert!(!plain.join(".git").exists());
 }
+
+#[test]
+fn the_announcement_lists_what_is_left_out() {
+    let dir = tree();
+    let prepared = prepare(&dir.path().join("ws"), (DEFAULT_LIMIT, "", "")).unwrap();
+    let mut err = Vec::new();
+    announce(&prepared, &mut err);
+    let text = String::from_utf8(err).unwrap();
+    assert!(text.contains("entries"), "{text}");
+    assert!(
+        text.contains("left out 2 special file(s) (sockets, devices, fifos): fifo, sock"),
+        "{text}"
+    );
+}
