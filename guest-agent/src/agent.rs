@@ -20,7 +20,8 @@
 //! SecretsUpdated | UpdateSecretsFailed →
 //!                                  ←  Revoke {scrub}
 //! Revoked                          →  (agent processes killed, files gone)
-//! Exited {code, signal}            →  (after all output)
+//! Exited {code, signal}            →  (after all output, and after the
+//!                                      workspace's result is on its disk)
 //!                                  ←  Shutdown  → serve returns, PID 1 powers off
 //! ```
 //!
@@ -50,6 +51,7 @@ use crate::AGENT_VERSION;
 use crate::credential::{self, CredentialAsk, GitCredential, ServerPolicy};
 use crate::provision::{self, Layout, Provisioned, paths};
 use crate::run::{self, AgentEvent, Reaping};
+use crate::workspace;
 
 /// How the loop is set up.
 #[derive(Debug, Clone)]
@@ -107,6 +109,8 @@ struct State {
     revoked: bool,
     next_id: u64,
     pending: HashMap<u64, mpsc::Sender<Option<GitCredential>>>,
+    /// The workspace, until its result is written when the agent exits.
+    workspace: Option<workspace::Prepared>,
 }
 
 /// Says hello on the control channel, then serves the host until it says
@@ -140,6 +144,7 @@ where
         revoked: false,
         next_id: 1,
         pending: HashMap::new(),
+        workspace: None,
     };
     let outcome = loop {
         let Ok(event) = rx.recv() else {
@@ -156,6 +161,9 @@ where
                 .map(|()| None),
             Event::Agent(AgentEvent::Exited { code, signal }) => {
                 state.agent_running = false;
+                if let Some(ws) = state.workspace.take() {
+                    collect_workspace(&ws, &config.proc_root);
+                }
                 writer
                     .write_message(&GuestMessage::Exited { code, signal })
                     .map(|()| None)
@@ -230,8 +238,9 @@ fn on_host<W: Write>(
                 return Ok(None);
             }
             match start(&spec, config, tx) {
-                Ok((done, pid)) => {
+                Ok((done, pid, ws)) => {
                     state.provisioned = Some(done);
+                    state.workspace = ws;
                     state.agent_running = true;
                     writer.write_message(&GuestMessage::Provisioned {})?;
                     writer.write_message(&GuestMessage::Started { pid })?;
@@ -319,7 +328,7 @@ fn start(
     spec: &Provision,
     config: &AgentConfig,
     tx: &mpsc::SyncSender<Event>,
-) -> Result<(Provisioned, u32), String> {
+) -> Result<(Provisioned, u32, Option<workspace::Prepared>), String> {
     let done = provision::provision(&config.layout, spec, &config.helper_command)
         .map_err(|err| reason(&err))?;
     let undo = |why: String| {
@@ -340,6 +349,13 @@ fn start(
             ask_tx.send(Event::Credential(ask)).is_ok()
         });
     });
+    let ws = match &spec.workspace {
+        Some(ws) => Some(
+            workspace::prepare(&config.layout, ws, &done.user)
+                .map_err(|err| undo(format!("workspace: {}", reason(&err))))?,
+        ),
+        None => None,
+    };
     let workdir = config.layout.host_path(&spec.workdir);
     if !workdir.exists() {
         std::fs::create_dir_all(&workdir)
@@ -360,7 +376,20 @@ fn start(
         },
     )
     .map_err(|err| undo(reason(&err)))?;
-    Ok((done, pid))
+    Ok((done, pid, ws))
+}
+
+/// After the agent's exit, before `Exited`: stops whatever the agent left
+/// running (so nothing changes the tree meanwhile), then writes the
+/// workspace's result to the out disk. Failures are in the result's header
+/// for the host; the console gets them too.
+fn collect_workspace(ws: &workspace::Prepared, proc_root: &std::path::Path) {
+    if let Err(err) = run::kill_user(ws.uid, proc_root) {
+        log(&format!("workspace: {}", chain(&err)));
+    }
+    if let Err(err) = workspace::finish(ws) {
+        log(&format!("workspace: {}", chain(&err)));
+    }
 }
 
 /// An error and its causes as one line, for the host (no control

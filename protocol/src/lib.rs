@@ -20,12 +20,13 @@
 pub mod frame;
 pub mod message;
 pub mod secret;
+pub mod workspace;
 
 pub use frame::{FrameError, FrameReader, FrameWriter, MAX_FRAME_LEN, ReadError, WriteError};
 pub use message::{
     CredentialOutcome, DecodeError, EncodeError, FileSpec, GuestMessage, HandshakeError,
     HostMessage, Message, OutputStream, PROTOCOL_VERSION, PlainEnvVar, ProtocolVersion, Provision,
-    ProxySettings, SecretEnvVar, ValidationError, accept_hello, answer_hello, check_versions,
-    check_welcome,
+    ProxySettings, SecretEnvVar, ValidationError, WorkspaceSpec, accept_hello, answer_hello,
+    check_versions, check_welcome,
 };
 pub use secret::{Bytes, SecretBytes, SecretString};

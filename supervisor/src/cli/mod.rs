@@ -10,6 +10,7 @@ mod image_cmd;
 mod leases;
 mod output;
 mod sessions;
+mod workspace;
 
 use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
@@ -158,9 +159,38 @@ enum Command {
         /// `timeout`.
         #[arg(long)]
         timeout: Option<String>,
+        /// Copy this directory into the VM as the agent's working directory
+        /// (replaces the manifest's `workspace`).
+        #[arg(long, value_name = "DIR")]
+        workspace: Option<PathBuf>,
         /// Run this instead of the manifest's command.
         #[arg(last = true)]
         command: Vec<String>,
+    },
+    /// Show the changes a session's agent made to its workspace (the patch;
+    /// control characters are escaped on a terminal).
+    Diff {
+        session: String,
+        /// A summary per file instead of the patch.
+        #[arg(long)]
+        stat: bool,
+    },
+    /// Apply a session's workspace changes to the directory it copied (or
+    /// --to DIR) with git apply. Changes to symlinks, submodules or `.git/`
+    /// and paths leaving the tree are refused.
+    Apply {
+        session: String,
+        /// Apply here instead of the session's workspace.
+        #[arg(long, value_name = "DIR")]
+        to: Option<PathBuf>,
+        /// Apply the safe changes and skip (and list) the refused ones,
+        /// instead of refusing the whole patch.
+        #[arg(long)]
+        skip_unsafe: bool,
+        /// Let symlinks through whose targets stay in the tree (relative,
+        /// not into `.git`, not through another symlink).
+        #[arg(long)]
+        allow_symlinks: bool,
     },
 }
 
@@ -388,6 +418,27 @@ pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitCode> {
             .map_err(|e| anyhow::anyhow!("--kvm-timeout {kvm_timeout:?}: {e}"))?;
         return doctor::run(cli.home, images, image, bound, cli.json).map(Into::into);
     }
+    // Neither needs the vault.
+    match &cli.command {
+        Command::Diff { session, stat } => {
+            let home = StateDir::resolve(cli.home.clone())?;
+            return workspace::diff(&home, session, *stat, cli.json).map(Into::into);
+        }
+        Command::Apply {
+            session,
+            to,
+            skip_unsafe,
+            allow_symlinks,
+        } => {
+            let home = StateDir::resolve(cli.home.clone())?;
+            let options = crate::session::workspace::ApplyOptions {
+                skip_unsafe: *skip_unsafe,
+                allow_symlinks: *allow_symlinks,
+            };
+            return workspace::apply(&home, session, to.clone(), options, cli.json).map(Into::into);
+        }
+        _ => {}
+    }
     let mut vault = open_vault(&cli, env_keys)?;
     let j = cli.json;
     let status = match cli.command {
@@ -430,6 +481,7 @@ pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitCode> {
             report,
             ci,
             timeout,
+            workspace,
             command,
         } => {
             let show = sessions::Presentation { quiet, ci, report };
@@ -442,9 +494,30 @@ pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitCode> {
                 &hello_timeout,
                 timeout.as_deref(),
                 &show,
+                workspace,
                 command,
             );
         }
+        // Handled above without opening the vault; the same calls here keep
+        // the match exhaustive.
+        Command::Diff { session, stat } => {
+            workspace::diff(&StateDir::resolve(cli.home.clone())?, &session, stat, j)
+        }
+        Command::Apply {
+            session,
+            to,
+            skip_unsafe,
+            allow_symlinks,
+        } => workspace::apply(
+            &StateDir::resolve(cli.home.clone())?,
+            &session,
+            to,
+            crate::session::workspace::ApplyOptions {
+                skip_unsafe,
+                allow_symlinks,
+            },
+            j,
+        ),
         Command::Key(KeyCmd::Rotate { to }) => {
             let kind = vault.rotate_key(to)?;
             if j {
@@ -935,6 +1008,7 @@ fn run_session(
     hello_timeout: &str,
     timeout: Option<&str>,
     show: &sessions::Presentation,
+    workspace: Option<PathBuf>,
     command: Vec<String>,
 ) -> anyhow::Result<ExitCode> {
     let mut manifest =
@@ -952,6 +1026,7 @@ fn run_session(
         agent,
         command: (!command.is_empty()).then_some(command),
         hello_bound: parse_duration(hello_timeout).map_err(VaultError::Invalid)?,
+        workspace,
     };
     for id in crate::session::reap_orphans(&vault, &config.home) {
         eprintln!("reaped session `{id}`, left behind by a zerolease run that died");

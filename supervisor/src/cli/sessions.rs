@@ -365,6 +365,7 @@ mod tests {
             jail: None,
             qemu_pid: None,
             exit_code: None,
+            workspace: None,
         }
     }
 

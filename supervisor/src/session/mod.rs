@@ -19,6 +19,7 @@ mod provision;
 pub mod record;
 pub mod report;
 pub mod stats;
+pub mod workspace;
 
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -70,6 +71,8 @@ pub struct RunConfig {
     pub command: Option<Vec<String>>,
     /// Bound on the guest's hello, per accelerator tried.
     pub hello_bound: Duration,
+    /// Copied into the VM; replaces the manifest's `workspace`.
+    pub workspace: Option<PathBuf>,
 }
 
 /// How a session ended.
@@ -128,6 +131,8 @@ pub enum SessionError {
     Interrupted(&'static str),
     #[error("the session was destroyed by `zerolease destroy`")]
     Destroyed,
+    #[error(transparent)]
+    Workspace(#[from] workspace::WorkspaceError),
 }
 
 /// What another `zerolease` process may ask of a running session over its
@@ -323,6 +328,10 @@ async fn drive(
 ) -> Result<RunOutcome, SessionError> {
     held.progress.phase(progress::Phase::ImageCheck);
     let image: VerifiedImage = image::verify_named(&manifest.image, config.images.as_deref())?;
+    let ws = workspace::for_session(manifest, config.workspace.as_deref())?;
+    if let Some(w) = &ws {
+        workspace::announce(w, stderr);
+    }
     let id = JailId::parse(&crate::vault::crypto::random_hex(5).map_err(VaultError::from)?)?;
     let session = id.as_str().to_owned();
     held.session = Some(session.clone());
@@ -340,6 +349,7 @@ async fn drive(
             jail: None,
             qemu_pid: None,
             exit_code: None,
+            workspace: ws.as_ref().map(|w| w.root.clone()),
         },
     ));
     held.transition(
@@ -417,6 +427,10 @@ async fn drive(
         })?;
     held.runtime_dir = Some(runtime_dir.clone());
     let control = control_listener(&record::control_socket(&runtime_dir))?;
+    let disks = match &ws {
+        Some(w) => Some(workspace::write_disks_off_runtime(w, &runtime_dir).await?),
+        None => None,
+    };
 
     let tap = jail::tap::open_tap(&link)?;
     let spec = VmSpec {
@@ -430,6 +444,10 @@ async fn drive(
             initrd: Some(image.initramfs.clone()),
         }),
         disk: None,
+        raw_disks: disks
+            .as_ref()
+            .map(workspace::Disks::raw_disks)
+            .unwrap_or_default(),
         net: Some(NetSpec {
             fd: 3,
             mac: Mac::for_session(&id),
@@ -466,7 +484,10 @@ async fn drive(
         .clone()
         .unwrap_or_else(|| manifest.command.clone());
     let proxy_url = format!("http://{host}:{}", PORTS.connect);
-    let provision = provision::build(vault, manifest, &leases, command, &proxy_url)?;
+    let mut provision = provision::build(vault, manifest, &leases, command, &proxy_url)?;
+    if let Some(w) = &ws {
+        workspace::provision(&mut provision, w, manifest);
+    }
     send(&mut channel, &HostMessage::Provision(Box::new(provision))).await?;
 
     let (guest_tx, guest_rx) = mpsc::channel(64);
@@ -493,6 +514,9 @@ async fn drive(
     .await;
     reader.abort();
     let outcome = served?;
+    if let Some(disks) = &disks {
+        workspace::finish(disks, &config.home, &session, stderr);
+    }
     let _ = send(&mut channel, &HostMessage::Shutdown {}).await;
     held.transition(
         vault,

@@ -70,6 +70,7 @@ pub(super) fn build(
         command,
         workdir: manifest.workdir.clone(),
         user: manifest.user.clone(),
+        workspace: None,
     })
 }
 

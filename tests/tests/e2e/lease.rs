@@ -634,6 +634,7 @@ fn secret_rotate_succeeds_with_a_warning_when_a_session_cannot_be_updated() {
         jail: None,
         qemu_pid: None,
         exit_code: None,
+        workspace: None,
     };
     record.save(&zerolease::home::StateDir::at(&home)).unwrap();
     assert!(record.supervisor_alive());

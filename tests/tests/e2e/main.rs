@@ -8,4 +8,5 @@ mod proxy;
 mod report;
 mod session;
 mod tap;
+mod workspace;
 mod world;
