@@ -55,6 +55,7 @@ fn request(name: &str, dir: &Path) -> SealRequest {
         },
         also_scan: Vec::new(),
         allow: image::Allowlist::default(),
+        root_disk: false,
     }
 }
 
@@ -240,4 +241,82 @@ fn missing_or_broken_records_are_refused() {
         !other.join("image.json").exists(),
         "seal removes a stale record first"
     );
+}
+
+#[test]
+fn root_disk_is_recorded_verified_and_never_booted_unrecorded() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = make_image(root.path(), "disk", &[]);
+    // A root disk that is not recorded is never handed out for boot.
+    fs::write(dir.join(image::ROOT_DISK_FILE), vec![0u8; 4096]).unwrap();
+    image::seal(&request("disk", &dir)).unwrap();
+    let v = verify(&dir).unwrap();
+    assert_eq!(v.root_disk, None);
+    assert_eq!(v.record.root_disk, None);
+    let text = fs::read_to_string(dir.join("image.json")).unwrap();
+    assert!(!text.contains("root_disk"), "{text}");
+
+    // Recorded: its digest is checked like the others.
+    let mut req = request("disk", &dir);
+    req.root_disk = true;
+    let record = image::seal(&req).unwrap();
+    let recorded = record.root_disk.clone().unwrap();
+    assert_eq!(recorded.file, "root.ext4");
+    assert_eq!(recorded.size, 4096);
+    let v = verify(&dir).unwrap();
+    assert_eq!(v.root_disk, Some(dir.join("root.ext4")));
+
+    // One byte changed anywhere in the disk (here: deep inside) is refused.
+    let path = dir.join(image::ROOT_DISK_FILE);
+    let mut bytes = fs::read(&path).unwrap();
+    bytes[3000] = b'x';
+    fs::write(&path, &bytes).unwrap();
+    let err = verify(&dir).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ImageError::DigestMismatch {
+                file: "root.ext4",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.is_integrity());
+    let (code, _, stderr) = cli(&["image", "verify", dir.to_str().unwrap()]);
+    assert_eq!(code, 6, "{stderr}");
+    assert!(
+        stderr.contains("root.ext4 does not match image.json"),
+        "{stderr}"
+    );
+
+    // A recorded disk that is gone is missing, not silently skipped.
+    fs::remove_file(&path).unwrap();
+    assert!(matches!(
+        verify(&dir),
+        Err(ImageError::Missing {
+            file: "root.ext4",
+            ..
+        })
+    ));
+    // And seal refuses to record a disk that is not there.
+    assert!(matches!(
+        image::seal(&req),
+        Err(ImageError::Missing {
+            file: "root.ext4",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn records_without_a_root_disk_still_read() {
+    // image.json written before root disks existed has no `root_disk` key.
+    let root = tempfile::tempdir().unwrap();
+    let dir = make_image(root.path(), "old", &[]);
+    image::seal(&request("old", &dir)).unwrap();
+    let text = fs::read_to_string(dir.join("image.json")).unwrap();
+    let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert!(value.get("root_disk").is_none());
+    assert_eq!(verify(&dir).unwrap().root_disk, None);
 }

@@ -2,15 +2,18 @@
 //! build time and verification before boot.
 //!
 //! An image is a directory (`images/out/<name>/`) holding a kernel
-//! ([`KERNEL_FILE`]), an initramfs ([`INITRAMFS_FILE`]) and `image.json`
-//! ([`ImageRecord`]): the SHA-256 of both files, the kernel package they came
-//! from, and the result of the credential scan ([`scan`]).
+//! ([`KERNEL_FILE`]), an initramfs ([`INITRAMFS_FILE`]), optionally a
+//! read-only ext4 root disk ([`ROOT_DISK_FILE`], e.g. image `devbox`) and
+//! `image.json` ([`ImageRecord`]): the SHA-256 of those files, the kernel
+//! package they came from, and the result of the credential scan ([`scan`]).
 //!
 //! **Architecture Invariant:** [`seal`] writes a record whose scan passed
 //! only if the scan found nothing, and [`verify`] — which the session calls
 //! before every boot — accepts an image only if its record says the scan
-//! passed and both files still hash to the recorded digests (DESIGN
-//! invariant 1). There is no flag to skip either.
+//! passed and every recorded file (the root disk too, when the record has
+//! one) still hashes to its recorded digest (DESIGN invariant 1). There is
+//! no flag to skip either. A root disk that is present but not recorded is
+//! never booted: [`VerifiedImage::root_disk`] comes from the record only.
 //!
 //! Residual risk: `verify` checks the files, then QEMU opens them by path. The
 //! images directory must be writable only by the user running the supervisor.
@@ -31,6 +34,9 @@ pub use scan::{Allowlist, Finding, Location, Rule, ScanError, ScanReport};
 pub const KERNEL_FILE: &str = "vmlinuz";
 /// The initramfs's file name inside an image directory.
 pub const INITRAMFS_FILE: &str = "initramfs.cpio.gz";
+/// The root disk's file name inside an image directory (raw ext4, attached
+/// read-only).
+pub const ROOT_DISK_FILE: &str = "root.ext4";
 /// The record's file name inside an image directory.
 pub const RECORD_FILE: &str = "image.json";
 /// Overrides where named images are looked up.
@@ -120,6 +126,10 @@ pub struct ImageRecord {
     pub name: String,
     pub kernel: FileDigest,
     pub initramfs: FileDigest,
+    /// The read-only root disk, for images that have one. Absent in
+    /// records of initramfs-only images (and of older builds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_disk: Option<FileDigest>,
     pub kernel_package: KernelPackage,
     pub scan: ScanRecord,
 }
@@ -135,6 +145,9 @@ pub struct SealRequest {
     pub also_scan: Vec<PathBuf>,
     /// Known public test keys to accept (the recipe's `scan-allow`).
     pub allow: Allowlist,
+    /// The directory also holds [`ROOT_DISK_FILE`]: record its digest. Its
+    /// contents are scanned through its source tree in `also_scan`.
+    pub root_disk: bool,
 }
 
 /// An image that passed [`verify`]: boot these paths.
@@ -144,6 +157,8 @@ pub struct VerifiedImage {
     pub dir: PathBuf,
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
+    /// The root disk to attach read-only, when the record has one.
+    pub root_disk: Option<PathBuf>,
     pub record: ImageRecord,
 }
 
@@ -281,6 +296,11 @@ pub fn seal(req: &SealRequest) -> Result<ImageRecord, ImageError> {
     }
     let kernel = digest(name, &req.dir, KERNEL_FILE)?;
     let initramfs = digest(name, &req.dir, INITRAMFS_FILE)?;
+    let root_disk = if req.root_disk {
+        Some(digest(name, &req.dir, ROOT_DISK_FILE)?)
+    } else {
+        None
+    };
 
     let scan_err = |source| ImageError::Scan {
         name: name.clone(),
@@ -309,6 +329,7 @@ pub fn seal(req: &SealRequest) -> Result<ImageRecord, ImageError> {
         name: name.clone(),
         kernel,
         initramfs,
+        root_disk,
         kernel_package: req.kernel_package.clone(),
         scan: ScanRecord {
             passed: report.is_clean(),
@@ -391,10 +412,13 @@ pub fn verify(dir: &Path) -> Result<VerifiedImage, ImageError> {
             findings: record.scan.findings.len(),
         });
     }
-    for (file, recorded) in [
-        (KERNEL_FILE, &record.kernel),
-        (INITRAMFS_FILE, &record.initramfs),
-    ] {
+    let files = [
+        (KERNEL_FILE, Some(&record.kernel)),
+        (INITRAMFS_FILE, Some(&record.initramfs)),
+        (ROOT_DISK_FILE, record.root_disk.as_ref()),
+    ];
+    for (file, recorded) in files {
+        let Some(recorded) = recorded else { continue };
         let actual = digest(&name, dir, file)?;
         if recorded.file != file || actual.sha256 != recorded.sha256.to_ascii_lowercase() {
             return Err(ImageError::DigestMismatch {
@@ -408,6 +432,7 @@ pub fn verify(dir: &Path) -> Result<VerifiedImage, ImageError> {
     Ok(VerifiedImage {
         kernel: dir.join(KERNEL_FILE),
         initramfs: dir.join(INITRAMFS_FILE),
+        root_disk: record.root_disk.as_ref().map(|_| dir.join(ROOT_DISK_FILE)),
         dir: dir.to_path_buf(),
         name,
         record,
