@@ -377,6 +377,7 @@ async fn drive(
             initrd: Some(image.initramfs.clone()),
         }),
         disk: None,
+        root_disk: image.root_disk.clone(),
         net: Some(NetSpec {
             fd: 3,
             mac: Mac::for_session(&id),

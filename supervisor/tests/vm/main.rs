@@ -56,6 +56,7 @@ fn spec(session: &str, dir: &Path) -> VmSpec {
         memory_mib: 128,
         boot: None,
         disk: None,
+        root_disk: None,
         net: None,
         runtime_dir: dir.to_owned(),
     }
