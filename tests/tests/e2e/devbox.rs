@@ -1,7 +1,8 @@
 //! The `devbox` image for real agents: a Debian root disk (read-only, under
 //! a throwaway tmpfs overlay) with Node.js, Python, git and Claude Code.
 //!
-//! - In the VM, `claude --version`, `node`, `python3` and `git` run.
+//! - In the VM, `claude --version`, `node`, `python3` and `git` run, and
+//!   `claude -p` itself reaches the (fake) API through the proxy.
 //! - `api.anthropic.com` (mapped to the test upstream by
 //!   `network.overrides`; the real one is never contacted) answers through
 //!   the session's proxy with the lease — over Node's own TLS, the way
@@ -46,6 +47,7 @@ accel: tcg
 timeout: 8m
 resources: { cpus: 2, memory: 2GiB }
 command: @SCRIPT@
+env: { CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC: "1" }
 @CREDENTIALS@
 ca_certs: [@CA@]
 network:
@@ -108,6 +110,7 @@ echo "root=$(awk '$2 == "/" {{ print $3 }}' /proc/mounts)"
 echo "helper=$(test -x /usr/local/bin/zerolease-guest && echo present)"
 dd if=/dev/zero of=$HOME/big bs=1M count=8 2>/dev/null && echo changed >> $HOME/.bashrc && rm -f $HOME/.profile && echo "wrote=ok"
 touch /usr/bin/zl-planted 2>/dev/null; echo "usr-write=rc$?"
+echo "claude-p=$(timeout 150 claude -p hello 2>&1 | tr '\n' ' ' | head -c 400)"
 "#
     )
 }
@@ -209,7 +212,20 @@ fn devbox_runs_claude_code_reaches_anthropic_by_lease_and_never_changes_its_disk
     assert!(out.contains("node=/hello 200 hello from upstream"), "{out}");
     assert!(out.contains("node=/auth 200 authorized"), "{out}");
     assert!(out.contains("curl=200/200"), "{out}");
-    assert!(w.server.requests() >= 3);
+    // Claude Code itself (`claude -p`) goes through HTTPS_PROXY and trusts
+    // the session CA: its TLS handshakes with the fake api.anthropic.com
+    // complete (node 2, curl 1, claude at least 1). The upstream has no
+    // /v1/messages, so claude reports an API error, not a network one.
+    assert!(out.contains("claude-p="), "{out}");
+    assert!(
+        !out.contains("Unable to connect") && !out.contains("certificate"),
+        "{out}"
+    );
+    assert!(
+        w.server.requests() >= 4,
+        "claude never completed a TLS handshake with the upstream ({} in all)\n{out}",
+        w.server.requests()
+    );
     // Writes: the agent's home (on the image) and root's /etc changed in the
     // overlay; the agent cannot write to /usr at all.
     assert!(out.contains("wrote=ok"), "{out}");
