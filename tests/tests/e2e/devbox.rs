@@ -1,7 +1,8 @@
 //! The `devbox` image for real agents: a Debian root disk (read-only, under
 //! a throwaway tmpfs overlay) with Node.js, Python, git and Claude Code.
 //!
-//! - In the VM, `claude --version`, `node`, `python3` and `git` run, and
+//! - In the VM, `claude --version`, `codex --version`, `node`, `python3`
+//!   and `git` run, and
 //!   `claude -p` itself reaches the (fake) API through the proxy.
 //! - `api.anthropic.com` (mapped to the test upstream by
 //!   `network.overrides`; the real one is never contacted) answers through
@@ -96,6 +97,7 @@ fn script() -> String {
     format!(
         r#"
 echo "claude=$(claude --version 2>&1 | head -n1)"
+echo "codex=$(codex --version 2>&1 | head -n1)"
 echo "node-version=$(node --version)"
 echo "python=$(python3 --version 2>&1)"
 echo "git=$(git --version)"
@@ -200,6 +202,7 @@ fn devbox_runs_claude_code_reaches_anthropic_by_lease_and_never_changes_its_disk
 
     // The tools of the image run, as the unprivileged agent.
     assert!(out.contains("(Claude Code)"), "{out}");
+    assert!(out.contains("codex=codex-cli "), "{out}");
     assert!(out.contains("node-version=v"), "{out}");
     assert!(out.contains("python=Python 3."), "{out}");
     assert!(out.contains("git=git version "), "{out}");
