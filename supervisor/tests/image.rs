@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 
 use zerolease::image::{
-    self, ImageError, KernelPackage, Rule, SealRequest, cpio::write_newc, verify,
+    self, DigestCache, ImageError, KernelPackage, Rule, SealRequest, cpio::write_newc, verify,
 };
 
 fn fake_key() -> String {
@@ -319,4 +319,93 @@ fn records_without_a_root_disk_still_read() {
     let value: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert!(value.get("root_disk").is_none());
     assert_eq!(verify(&dir).unwrap().root_disk, None);
+}
+
+/// The session's root-disk digest cache: a hash is reused only while the
+/// file's stat is unchanged, it never makes a changed disk pass, and the
+/// comparison with image.json still happens.
+#[test]
+fn root_disk_digest_cache_never_hides_a_change() {
+    use image::digest_cache::{CACHE_FILE, CachePolicy};
+    use std::time::Duration;
+    let root = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let dir = make_image(root.path(), "cached", &[]);
+    let disk = dir.join(image::ROOT_DISK_FILE);
+    fs::write(&disk, vec![7u8; 8192]).unwrap();
+    let mut req = request("cached", &dir);
+    req.root_disk = true;
+    image::seal(&req).unwrap();
+
+    // The default policy does not remember a file changed moments ago.
+    let strict = DigestCache::in_state_dir(state.path());
+    image::verify_with(&dir, Some(&strict)).unwrap();
+    assert!(!state.path().join(CACHE_FILE).exists());
+
+    // Without the age margin (tests only) it does.
+    let mut cache = DigestCache::in_state_dir(state.path());
+    cache.policy = CachePolicy {
+        min_age: Duration::ZERO,
+    };
+    image::verify_with(&dir, Some(&cache)).unwrap();
+    let cache_path = state.path().join(CACHE_FILE);
+    let text = fs::read_to_string(&cache_path).unwrap();
+    assert!(text.contains("root.ext4"), "{text}");
+
+    // The remembered digest is used (an entry edited to another digest is
+    // what verify compares with image.json, and it refuses) ...
+    let edited = text.replace(
+        &image::read_record(&dir).unwrap().root_disk.unwrap().sha256,
+        &"0".repeat(64),
+    );
+    fs::write(&cache_path, &edited).unwrap();
+    assert!(matches!(
+        image::verify_with(&dir, Some(&cache)),
+        Err(ImageError::DigestMismatch {
+            file: "root.ext4",
+            ..
+        })
+    ));
+    // ... and the full check (no cache) still passes: the disk is fine.
+    verify(&dir).unwrap();
+    fs::write(&cache_path, &text).unwrap();
+    image::verify_with(&dir, Some(&cache)).unwrap();
+
+    // Changed in place, same size: the ctime moved, so it is hashed again
+    // and refused. (The pause lets the file system's timestamp tick over.)
+    std::thread::sleep(Duration::from_millis(30));
+    let mut bytes = fs::read(&disk).unwrap();
+    bytes[4000] ^= 1;
+    {
+        use std::io::{Seek, SeekFrom};
+        let mut f = fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        f.seek(SeekFrom::Start(4000)).unwrap();
+        f.write_all(&bytes[4000..4001]).unwrap();
+    }
+    assert!(matches!(
+        image::verify_with(&dir, Some(&cache)),
+        Err(ImageError::DigestMismatch {
+            file: "root.ext4",
+            ..
+        })
+    ));
+    // Put back byte for byte: the stat differs from the remembered one, so
+    // it is hashed again (and passes, being the same bytes).
+    bytes[4000] ^= 1;
+    fs::write(&disk, &bytes).unwrap();
+    image::verify_with(&dir, Some(&cache)).unwrap();
+
+    // Replaced by another file (rename over it): another inode, hashed.
+    let tampered = dir.join("root.ext4.new");
+    let mut other = bytes.clone();
+    other[100] ^= 1;
+    fs::write(&tampered, &other).unwrap();
+    fs::rename(&tampered, &disk).unwrap();
+    assert!(matches!(
+        image::verify_with(&dir, Some(&cache)),
+        Err(ImageError::DigestMismatch {
+            file: "root.ext4",
+            ..
+        })
+    ));
 }

@@ -14,11 +14,16 @@
 //! one) still hashes to its recorded digest (DESIGN invariant 1). There is
 //! no flag to skip either. A root disk that is present but not recorded is
 //! never booted: [`VerifiedImage::root_disk`] comes from the record only.
+//! The session may take the root disk's digest from a [`DigestCache`]
+//! ([`verify_with`]); that replaces reading the file while its `stat` is
+//! unchanged, never the comparison with the record ([`digest_cache`]
+//! argues why it is safe).
 //!
 //! Residual risk: `verify` checks the files, then QEMU opens them by path. The
 //! images directory must be writable only by the user running the supervisor.
 
 pub mod cpio;
+pub mod digest_cache;
 pub mod scan;
 
 use std::fs;
@@ -28,6 +33,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub use digest_cache::DigestCache;
 pub use scan::{Allowlist, Finding, Location, Rule, ScanError, ScanReport};
 
 /// The kernel's file name inside an image directory.
@@ -388,10 +394,64 @@ fn dir_name(dir: &Path) -> String {
         .unwrap_or_else(|| dir.display().to_string())
 }
 
+/// The digest of a root disk, from `cache` when a fresh `stat` matches a
+/// remembered one exactly ([`digest_cache`] says why that is safe), else
+/// by hashing it (and remembering the result when it may).
+fn root_disk_digest(name: &str, dir: &Path, cache: &DigestCache) -> Result<FileDigest, ImageError> {
+    use digest_cache::{Entry, FileStamp, now_ns, reusable, storable};
+    let path = dir.join(ROOT_DISK_FILE);
+    let stat = |path: &Path| match fs::metadata(path) {
+        Ok(meta) => Ok(FileStamp::of(&meta)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(ImageError::Missing {
+            name: name.to_string(),
+            dir: dir.to_path_buf(),
+            file: ROOT_DISK_FILE,
+        }),
+        Err(source) => Err(ImageError::Io {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            source,
+        }),
+    };
+    let before = stat(&path)?;
+    let key = fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+    if let Some(entry) = cache.get(&key)
+        && reusable(&entry, &before)
+    {
+        return Ok(FileDigest {
+            file: ROOT_DISK_FILE.to_string(),
+            sha256: entry.sha256,
+            size: entry.size,
+        });
+    }
+    let started = now_ns();
+    let fresh = digest(name, dir, ROOT_DISK_FILE)?;
+    let after = stat(&path)?;
+    if storable(&before, &after, started, cache.policy) && fresh.size == after.size {
+        // A cache that cannot be written only costs the next run a hash.
+        let _ = cache.put(
+            &key,
+            Entry {
+                stamp: after,
+                sha256: fresh.sha256.clone(),
+                size: fresh.size,
+            },
+        );
+    }
+    Ok(fresh)
+}
+
 /// Checks an image before boot: its record is readable and of this format,
-/// names this directory's image, records a passing scan, and both files hash
-/// to the recorded digests.
+/// names this directory's image, records a passing scan, and every recorded
+/// file hashes to its recorded digest.
 pub fn verify(dir: &Path) -> Result<VerifiedImage, ImageError> {
+    verify_with(dir, None)
+}
+
+/// [`verify`], taking the root disk's digest from `cache` when its `stat`
+/// is unchanged since it was last hashed (the session does this; `zerolease
+/// image verify` always hashes everything).
+pub fn verify_with(dir: &Path, cache: Option<&DigestCache>) -> Result<VerifiedImage, ImageError> {
     let name = dir_name(dir);
     let record = read_record(dir)?;
     if record.format != RECORD_FORMAT {
@@ -419,7 +479,10 @@ pub fn verify(dir: &Path) -> Result<VerifiedImage, ImageError> {
     ];
     for (file, recorded) in files {
         let Some(recorded) = recorded else { continue };
-        let actual = digest(&name, dir, file)?;
+        let actual = match cache {
+            Some(cache) if file == ROOT_DISK_FILE => root_disk_digest(&name, dir, cache)?,
+            _ => digest(&name, dir, file)?,
+        };
         if recorded.file != file || actual.sha256 != recorded.sha256.to_ascii_lowercase() {
             return Err(ImageError::DigestMismatch {
                 name,
@@ -443,6 +506,15 @@ pub fn verify(dir: &Path) -> Result<VerifiedImage, ImageError> {
 /// under [`images_root`]`(images)`, or a directory path (contains `/`).
 pub fn verify_named(arg: &str, images: Option<&Path>) -> Result<VerifiedImage, ImageError> {
     verify(&resolve(arg, &images_root(images))?)
+}
+
+/// [`verify_named`] with a root-disk digest cache ([`verify_with`]).
+pub fn verify_named_with(
+    arg: &str,
+    images: Option<&Path>,
+    cache: Option<&DigestCache>,
+) -> Result<VerifiedImage, ImageError> {
+    verify_with(&resolve(arg, &images_root(images))?, cache)
 }
 
 #[cfg(test)]

@@ -280,7 +280,11 @@ async fn drive(
     stdout: &mut (dyn Write + Send),
     stderr: &mut (dyn Write + Send),
 ) -> Result<RunOutcome, SessionError> {
-    let image: VerifiedImage = image::verify_named(&manifest.image, config.images.as_deref())?;
+    let image: VerifiedImage = image::verify_named_with(
+        &manifest.image,
+        config.images.as_deref(),
+        Some(&image::DigestCache::in_state_dir(config.home.root())),
+    )?;
     let id = JailId::parse(&crate::vault::crypto::random_hex(5).map_err(VaultError::from)?)?;
     let session = id.as_str().to_owned();
     held.session = Some(session.clone());
