@@ -379,3 +379,97 @@ fn a_tampered_root_disk_is_refused_before_anything_is_built() {
     let links = w.host.exec("ip", ["-o", "link", "show"]);
     assert!(!String::from_utf8_lossy(&links.stdout).contains("zl-"));
 }
+
+/// `manifests/claude-code.yaml` and `manifests/codex.yaml` load, run on
+/// devbox with room for Node, inject their key as an env var leased to
+/// exactly their API domain, and pass the grant check `zerolease manifest
+/// check` runs — and only against a grant that covers that domain.
+#[test]
+fn agent_manifests_check_against_their_grants() {
+    use zerolease::clock::SystemClock;
+    use zerolease::home::StateDir;
+    use zerolease::manifest::{Inject, Manifest};
+    use zerolease::vault::policy::LeaseAsk;
+    use zerolease::vault::{LeaseRequest, Vault, VaultConfig};
+
+    let manifests = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests");
+    for (file, agent, env, domain) in [
+        (
+            "claude-code.yaml",
+            "claude-code",
+            "ANTHROPIC_API_KEY",
+            ANTHROPIC,
+        ),
+        ("codex.yaml", "codex", "OPENAI_API_KEY", "api.openai.com"),
+    ] {
+        let m = Manifest::load(&manifests.join(file)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((m.name.as_str(), m.image.as_str()), (agent, "devbox"));
+        assert!(m.resources.memory >= 2 << 30, "{file}: node needs 2 GiB");
+        assert_eq!(m.credentials.len(), 1, "{file}");
+        let c = &m.credentials[0];
+        let domains: Vec<String> = c
+            .domains
+            .as_ref()
+            .expect("the manifest names its domain")
+            .iter()
+            .map(|d| d.to_string())
+            .collect();
+        assert_eq!(domains, [domain], "{file}");
+        assert_eq!(c.inject, [Inject::Env(env.into())], "{file}");
+        assert!(m.allow.is_empty(), "{file}: nothing reachable but the API");
+
+        let req = LeaseRequest {
+            agent: m.name.clone(),
+            session: "manifest-check".into(),
+            secret: c.secret.clone(),
+            ask: LeaseAsk {
+                domains: c.domains.clone(),
+                ttl: c.ttl,
+                max_uses: c.max_uses,
+            },
+        };
+        // A vault with the secret (ceiling: its domain and another) and a
+        // grant for `granted`, if any.
+        let vault_with = |granted: Option<&str>| {
+            let dir = tempfile::tempdir().unwrap();
+            let mut vc = VaultConfig::new(StateDir::at(dir.path().join("home")));
+            vc.durable = false;
+            let vault = Vault::open(vc, std::sync::Arc::new(SystemClock)).unwrap();
+            vault
+                .add_secret(
+                    NewSecret {
+                        name: c.secret.clone(),
+                        kind: "api-key".into(),
+                        description: String::new(),
+                        domains: vec![domain.parse().unwrap(), "example.com".parse().unwrap()],
+                    },
+                    SecretValue::new(zeroize::Zeroizing::new(b"not-a-real-key".to_vec())),
+                )
+                .unwrap();
+            if let Some(granted) = granted {
+                vault
+                    .add_grant(GrantSpec {
+                        agent: AgentPattern::parse(agent).unwrap(),
+                        secret: c.secret.clone(),
+                        domains: vec![granted.parse().unwrap()],
+                        ttl: Duration::from_secs(8 * 3600),
+                        max_uses: None,
+                        renewable: false,
+                    })
+                    .unwrap();
+            }
+            (dir, vault)
+        };
+        // No grant, or a grant for another domain: refused.
+        for granted in [None, Some("example.com")] {
+            let (_dir, vault) = vault_with(granted);
+            assert!(vault.check_grant(&req).is_err(), "{file}: {granted:?}");
+        }
+        // The grant the manifest's header comment tells the user to make.
+        let (_dir, vault) = vault_with(Some(domain));
+        let terms = vault
+            .check_grant(&req)
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!(terms.ttl, Duration::from_secs(8 * 3600), "{file}");
+    }
+}
