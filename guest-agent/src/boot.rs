@@ -31,6 +31,7 @@ use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
 use crate::agent::{self, AgentConfig, Outcome};
 use crate::cmdline::{self, GuestConfig};
 use crate::provision::Layout;
+use crate::rootdisk;
 use crate::run::Reaping;
 use crate::virtio;
 
@@ -81,6 +82,16 @@ pub enum BootError {
         /// The cause.
         #[source]
         source: io::Error,
+    },
+    /// The kernel command line names a root disk that never appeared.
+    #[error(
+        "no disk with serial `{serial}` under {path} (is virtio_blk loaded? did QEMU get the root disk?)"
+    )]
+    NoRootDisk {
+        /// The serial from `zl.root`.
+        serial: String,
+        /// The sysfs directory searched.
+        path: PathBuf,
     },
     /// No network interface but `lo`.
     #[error("no network interface besides lo under {path} (is virtio_net loaded?)")]
@@ -432,8 +443,15 @@ pub fn open_control_port(
     }
 }
 
+/// What [`boot`] leaves for the agent.
+struct Booted {
+    port: File,
+    /// The command git runs as its credential helper.
+    helper_command: String,
+}
+
 /// Everything PID 1 does before serving the host.
-fn boot(root: &Path) -> Result<(GuestConfig, File), BootError> {
+fn boot(root: &Path) -> Result<Booted, BootError> {
     mount_early(root)?;
     let proc_root = root.join("proc");
     let sysfs_root = root.join("sys");
@@ -451,6 +469,18 @@ fn boot(root: &Path) -> Result<(GuestConfig, File), BootError> {
         })?;
     let loaded = load_modules(&module_files(root, &release)?)?;
     log(&format!("loaded {loaded} kernel modules for {release}"));
+    // Where this binary is, before /proc moves: /init in the initramfs.
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/init"));
+    let helper_command = if let Some(serial) = &config.root_disk {
+        let disk = rootdisk::wait_for_disk(&sysfs_root, serial, PORT_WAIT)?;
+        rootdisk::switch_to(root, &disk, &exe)?;
+        log(&format!(
+            "root: /dev/{disk} (read-only) under a tmpfs overlay"
+        ));
+        format!("/{} credential", rootdisk::GUEST_BINARY)
+    } else {
+        format!("{} credential", exe.display())
+    };
     disable_ipv6(&proc_root)?;
     let nic = configure_network(&sysfs_root, &config)?;
     log(&format!(
@@ -463,22 +493,24 @@ fn boot(root: &Path) -> Result<(GuestConfig, File), BootError> {
         &config.control_port,
         PORT_WAIT,
     )?;
-    Ok((config, port))
+    Ok(Booted {
+        port,
+        helper_command,
+    })
 }
 
 /// PID 1's whole life: boot, serve the host, power off. Never returns.
 pub fn pid1_main() -> ! {
     let root = Path::new("/");
     match boot(root) {
-        Ok((_, port)) => {
-            let helper = std::env::current_exe()
-                .ok()
-                .and_then(|p| p.to_str().map(|s| format!("{s} credential")))
-                .unwrap_or_else(|| "/init credential".to_owned());
+        Ok(Booted {
+            port,
+            helper_command,
+        }) => {
             let config = AgentConfig {
                 layout: Layout::new(root),
                 proc_root: root.join("proc"),
-                helper_command: helper,
+                helper_command,
                 credential_timeout: Duration::from_secs(30),
                 reaping: Reaping::All,
             };

@@ -1,7 +1,9 @@
 //! Guest configuration from the kernel command line.
 //!
 //! The supervisor boots the guest with parameters like
-//! `zl.ip=10.213.0.2/30 zl.gw=10.213.0.1 zl.port=org.zerolease.control`.
+//! `zl.ip=10.213.0.2/30 zl.gw=10.213.0.1 zl.port=org.zerolease.control`,
+//! and `zl.root=zl-root` (the virtio-blk serial of a read-only root disk)
+//! for images that have one.
 //! [`parse`] is a pure function from the command line text to a validated
 //! [`GuestConfig`].
 //!
@@ -18,6 +20,10 @@ pub const DEFAULT_CONTROL_PORT: &str = "org.zerolease.control";
 const KEY_IP: &str = "zl.ip";
 const KEY_GW: &str = "zl.gw";
 const KEY_PORT: &str = "zl.port";
+const KEY_ROOT: &str = "zl.root";
+
+/// The longest virtio-blk serial (`VIRTIO_BLK_ID_BYTES`).
+pub const MAX_DISK_SERIAL: usize = 20;
 
 /// What the guest learns from the kernel command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,6 +36,9 @@ pub struct GuestConfig {
     pub gateway: Ipv4Addr,
     /// The name of the virtio-serial control port.
     pub control_port: String,
+    /// The serial of the virtio-blk disk holding a read-only root file
+    /// system to switch to; `None` keeps the initramfs as the root.
+    pub root_disk: Option<String>,
 }
 
 /// Why the kernel command line is not a usable guest configuration.
@@ -107,6 +116,7 @@ pub fn parse(cmdline: &str) -> Result<GuestConfig, CmdlineError> {
     let mut ip = None;
     let mut gw = None;
     let mut port = None;
+    let mut root = None;
     for param in parameters(cmdline) {
         let (key, value) = param.split_once('=').unwrap_or((&param, ""));
         if !key.starts_with("zl.") {
@@ -116,6 +126,7 @@ pub fn parse(cmdline: &str) -> Result<GuestConfig, CmdlineError> {
             KEY_IP => &mut ip,
             KEY_GW => &mut gw,
             KEY_PORT => &mut port,
+            KEY_ROOT => &mut root,
             _ => {
                 return Err(CmdlineError::Unknown {
                     key: key.to_owned(),
@@ -179,11 +190,22 @@ pub fn parse(cmdline: &str) -> Result<GuestConfig, CmdlineError> {
         ));
     }
 
+    if let Some(serial) = &root
+        && !is_valid_disk_serial(serial)
+    {
+        return Err(invalid(
+            KEY_ROOT,
+            serial,
+            "disk serials are 1-20 characters of [A-Za-z0-9._-]",
+        ));
+    }
+
     Ok(GuestConfig {
         address,
         prefix_len,
         gateway,
         control_port,
+        root_disk: root,
     })
 }
 
@@ -216,6 +238,11 @@ pub fn is_valid_port_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
+/// Whether `serial` can be a virtio-blk serial as the supervisor sets it.
+pub fn is_valid_disk_serial(serial: &str) -> bool {
+    !serial.is_empty() && serial.len() <= MAX_DISK_SERIAL && is_valid_port_name(serial)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,6 +253,7 @@ mod tests {
             prefix_len,
             gateway: gateway.into(),
             control_port: port.to_owned(),
+            root_disk: None,
         }
     }
 
@@ -273,6 +301,58 @@ mod tests {
         for (cmdline, expected) in cases {
             assert_eq!(parse(cmdline), Ok(expected), "{cmdline:?}");
         }
+    }
+
+    #[test]
+    fn root_disk() {
+        let base = "zl.ip=10.0.0.2/30 zl.gw=10.0.0.1";
+        let with = |serial: &str| {
+            let mut c = config([10, 0, 0, 2], 30, [10, 0, 0, 1], DEFAULT_CONTROL_PORT);
+            c.root_disk = Some(serial.to_owned());
+            c
+        };
+        let cases = [
+            (
+                "",
+                Ok(config(
+                    [10, 0, 0, 2],
+                    30,
+                    [10, 0, 0, 1],
+                    DEFAULT_CONTROL_PORT,
+                )),
+            ),
+            (" zl.root=zl-root", Ok(with("zl-root"))),
+            (" zl.root=A.b_c-1", Ok(with("A.b_c-1"))),
+            (
+                " zl.root=12345678901234567890",
+                Ok(with("12345678901234567890")),
+            ),
+            (" zl.root=\"zl-root\"", Ok(with("zl-root"))),
+        ];
+        for (extra, expected) in cases {
+            let line = format!("{base}{extra}");
+            assert_eq!(parse(&line), expected, "{line:?}");
+        }
+        for bad in [
+            " zl.root=",
+            " zl.root",
+            " zl.root=/dev/vda",
+            " zl.root=../vda",
+            " zl.root=123456789012345678901",
+            " zl.root=\"a b\"",
+            " zl.root=a,b",
+        ] {
+            let line = format!("{base}{bad}");
+            assert!(
+                matches!(
+                    parse(&line),
+                    Err(CmdlineError::Invalid { key: KEY_ROOT, .. })
+                ),
+                "{line:?}"
+            );
+        }
+        let line = format!("{base} zl.root=a zl.root=b");
+        assert!(matches!(parse(&line), Err(CmdlineError::Duplicate { .. })));
     }
 
     #[test]

@@ -35,6 +35,8 @@ const RESERVED: &[&str] = &[
     "SSL_CERT_FILE",
     "CURL_CA_BUNDLE",
     "GIT_SSL_CAINFO",
+    "NODE_EXTRA_CA_CERTS",
+    "REQUESTS_CA_BUNDLE",
 ];
 
 /// Why an environment cannot be built.
@@ -141,7 +143,15 @@ impl AgentEnv {
             env.set("NO_PROXY", &list, false)?;
             env.set("no_proxy", &list, false)?;
         }
-        for name in ["SSL_CERT_FILE", "CURL_CA_BUNDLE", "GIT_SSL_CAINFO"] {
+        // OpenSSL/curl/git; Node.js (and Claude Code) add NODE_EXTRA_CA_CERTS
+        // to their built-in roots; Python's requests reads REQUESTS_CA_BUNDLE.
+        for name in [
+            "SSL_CERT_FILE",
+            "CURL_CA_BUNDLE",
+            "GIT_SSL_CAINFO",
+            "NODE_EXTRA_CA_CERTS",
+            "REQUESTS_CA_BUNDLE",
+        ] {
             env.set(name, &paths.ca_bundle, false)?;
         }
         let mut seen = std::collections::HashSet::new();
@@ -330,6 +340,8 @@ mod tests {
             ("no_proxy", "localhost,127.0.0.1"),
             ("SSL_CERT_FILE", "/run/zerolease/ca-bundle.crt"),
             ("GIT_SSL_CAINFO", "/run/zerolease/ca-bundle.crt"),
+            ("NODE_EXTRA_CA_CERTS", "/run/zerolease/ca-bundle.crt"),
+            ("REQUESTS_CA_BUNDLE", "/run/zerolease/ca-bundle.crt"),
             ("LANG", "C.UTF-8"),
             ("TOKEN", "s3cret"),
         ] {

@@ -5,7 +5,9 @@
 //!   the kernel modules listed in `/lib/modules/zerolease.load`, configures
 //!   IPv4 from the kernel command line ([`cmdline`]), disables IPv6, finds
 //!   the control port ([`virtio`]) and hands it to [`agent`]; whatever
-//!   happens, it ends by syncing and powering off.
+//!   happens, it ends by syncing and powering off. With `zl.root=` it first
+//!   switches to the image's read-only root disk under a tmpfs overlay
+//!   ([`rootdisk`]).
 //! - [`agent`]: the main loop on the control channel (handshake, then
 //!   `Provision`, credential requests, `UpdateSecrets`, `Revoke`,
 //!   `Shutdown`), threads and channels, one writer.
@@ -33,6 +35,7 @@ pub mod credential;
 pub mod env;
 pub mod passwd;
 pub mod provision;
+pub mod rootdisk;
 pub mod run;
 pub mod virtio;
 pub mod workspace;

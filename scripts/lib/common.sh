@@ -31,6 +31,9 @@ ensure_packages() {
 # The Debian packages the test suite uses.
 TEST_PACKAGES=(ca-certificates file nftables iproute2 iputils-ping curl
     qemu-system-x86 busybox-static cpio gzip kmod git)
+# Images with a root disk (devbox): mmdebstrap builds the Debian tree,
+# mke2fs -d (e2fsprogs) makes it an ext4 image without mounting.
+TEST_PACKAGES+=(mmdebstrap e2fsprogs)
 
 # qemu-img must come from the same QEMU as qemu-system-x86: on machines with
 # a newer qemu-utils from elsewhere, installing qemu-system-x86 removes it,

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 
 use zerolease::image::{
-    self, ImageError, KernelPackage, Rule, SealRequest, cpio::write_newc, verify,
+    self, DigestCache, ImageError, KernelPackage, Rule, SealRequest, cpio::write_newc, verify,
 };
 
 fn fake_key() -> String {
@@ -55,6 +55,7 @@ fn request(name: &str, dir: &Path) -> SealRequest {
         },
         also_scan: Vec::new(),
         allow: image::Allowlist::default(),
+        root_disk: false,
     }
 }
 
@@ -240,4 +241,171 @@ fn missing_or_broken_records_are_refused() {
         !other.join("image.json").exists(),
         "seal removes a stale record first"
     );
+}
+
+#[test]
+fn root_disk_is_recorded_verified_and_never_booted_unrecorded() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = make_image(root.path(), "disk", &[]);
+    // A root disk that is not recorded is never handed out for boot.
+    fs::write(dir.join(image::ROOT_DISK_FILE), vec![0u8; 4096]).unwrap();
+    image::seal(&request("disk", &dir)).unwrap();
+    let v = verify(&dir).unwrap();
+    assert_eq!(v.root_disk, None);
+    assert_eq!(v.record.root_disk, None);
+    let text = fs::read_to_string(dir.join("image.json")).unwrap();
+    assert!(!text.contains("root_disk"), "{text}");
+
+    // Recorded: its digest is checked like the others.
+    let mut req = request("disk", &dir);
+    req.root_disk = true;
+    let record = image::seal(&req).unwrap();
+    let recorded = record.root_disk.clone().unwrap();
+    assert_eq!(recorded.file, "root.ext4");
+    assert_eq!(recorded.size, 4096);
+    let v = verify(&dir).unwrap();
+    assert_eq!(v.root_disk, Some(dir.join("root.ext4")));
+
+    // One byte changed anywhere in the disk (here: deep inside) is refused.
+    let path = dir.join(image::ROOT_DISK_FILE);
+    let mut bytes = fs::read(&path).unwrap();
+    bytes[3000] = b'x';
+    fs::write(&path, &bytes).unwrap();
+    let err = verify(&dir).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ImageError::DigestMismatch {
+                file: "root.ext4",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.is_integrity());
+    let (code, _, stderr) = cli(&["image", "verify", dir.to_str().unwrap()]);
+    assert_eq!(code, 6, "{stderr}");
+    assert!(
+        stderr.contains("root.ext4 does not match image.json"),
+        "{stderr}"
+    );
+
+    // A recorded disk that is gone is missing, not silently skipped.
+    fs::remove_file(&path).unwrap();
+    assert!(matches!(
+        verify(&dir),
+        Err(ImageError::Missing {
+            file: "root.ext4",
+            ..
+        })
+    ));
+    // And seal refuses to record a disk that is not there.
+    assert!(matches!(
+        image::seal(&req),
+        Err(ImageError::Missing {
+            file: "root.ext4",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn records_without_a_root_disk_still_read() {
+    // image.json written before root disks existed has no `root_disk` key.
+    let root = tempfile::tempdir().unwrap();
+    let dir = make_image(root.path(), "old", &[]);
+    image::seal(&request("old", &dir)).unwrap();
+    let text = fs::read_to_string(dir.join("image.json")).unwrap();
+    let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert!(value.get("root_disk").is_none());
+    assert_eq!(verify(&dir).unwrap().root_disk, None);
+}
+
+/// The session's root-disk digest cache: a hash is reused only while the
+/// file's stat is unchanged, it never makes a changed disk pass, and the
+/// comparison with image.json still happens.
+#[test]
+fn root_disk_digest_cache_never_hides_a_change() {
+    use image::digest_cache::{CACHE_FILE, CachePolicy};
+    use std::time::Duration;
+    let root = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let dir = make_image(root.path(), "cached", &[]);
+    let disk = dir.join(image::ROOT_DISK_FILE);
+    fs::write(&disk, vec![7u8; 8192]).unwrap();
+    let mut req = request("cached", &dir);
+    req.root_disk = true;
+    image::seal(&req).unwrap();
+
+    // The default policy does not remember a file changed moments ago.
+    let strict = DigestCache::in_state_dir(state.path());
+    image::verify_with(&dir, Some(&strict)).unwrap();
+    assert!(!state.path().join(CACHE_FILE).exists());
+
+    // Without the age margin (tests only) it does.
+    let mut cache = DigestCache::in_state_dir(state.path());
+    cache.policy = CachePolicy {
+        min_age: Duration::ZERO,
+    };
+    image::verify_with(&dir, Some(&cache)).unwrap();
+    let cache_path = state.path().join(CACHE_FILE);
+    let text = fs::read_to_string(&cache_path).unwrap();
+    assert!(text.contains("root.ext4"), "{text}");
+
+    // The remembered digest is used (an entry edited to another digest is
+    // what verify compares with image.json, and it refuses) ...
+    let edited = text.replace(
+        &image::read_record(&dir).unwrap().root_disk.unwrap().sha256,
+        &"0".repeat(64),
+    );
+    fs::write(&cache_path, &edited).unwrap();
+    assert!(matches!(
+        image::verify_with(&dir, Some(&cache)),
+        Err(ImageError::DigestMismatch {
+            file: "root.ext4",
+            ..
+        })
+    ));
+    // ... and the full check (no cache) still passes: the disk is fine.
+    verify(&dir).unwrap();
+    fs::write(&cache_path, &text).unwrap();
+    image::verify_with(&dir, Some(&cache)).unwrap();
+
+    // Changed in place, same size: the ctime moved, so it is hashed again
+    // and refused. (The pause lets the file system's timestamp tick over.)
+    std::thread::sleep(Duration::from_millis(30));
+    let mut bytes = fs::read(&disk).unwrap();
+    bytes[4000] ^= 1;
+    {
+        use std::io::{Seek, SeekFrom};
+        let mut f = fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        f.seek(SeekFrom::Start(4000)).unwrap();
+        f.write_all(&bytes[4000..4001]).unwrap();
+    }
+    assert!(matches!(
+        image::verify_with(&dir, Some(&cache)),
+        Err(ImageError::DigestMismatch {
+            file: "root.ext4",
+            ..
+        })
+    ));
+    // Put back byte for byte: the stat differs from the remembered one, so
+    // it is hashed again (and passes, being the same bytes).
+    bytes[4000] ^= 1;
+    fs::write(&disk, &bytes).unwrap();
+    image::verify_with(&dir, Some(&cache)).unwrap();
+
+    // Replaced by another file (rename over it): another inode, hashed.
+    let tampered = dir.join("root.ext4.new");
+    let mut other = bytes.clone();
+    other[100] ^= 1;
+    fs::write(&tampered, &other).unwrap();
+    fs::rename(&tampered, &disk).unwrap();
+    assert!(matches!(
+        image::verify_with(&dir, Some(&cache)),
+        Err(ImageError::DigestMismatch {
+            file: "root.ext4",
+            ..
+        })
+    ));
 }

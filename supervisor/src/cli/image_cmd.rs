@@ -48,6 +48,10 @@ pub enum ImageCmd {
         /// images/NAME/scan-allow.
         #[arg(long, value_name = "FILE")]
         allow: Option<PathBuf>,
+        /// The directory also holds root.ext4 (a read-only root disk):
+        /// record its digest. Scan its source tree with --also-scan.
+        #[arg(long)]
+        root_disk: bool,
     },
     /// Check an image before boot: record present, scan passed, digests
     /// match. NAME is looked up under $ZEROLEASE_IMAGES (default
@@ -138,6 +142,7 @@ pub fn run(cmd: &ImageCmd, j: bool) -> anyhow::Result<ExitStatus> {
             kernel_deb_sha256,
             also_scan,
             allow,
+            root_disk,
         } => {
             let req = SealRequest {
                 name: name.clone(),
@@ -150,6 +155,7 @@ pub fn run(cmd: &ImageCmd, j: bool) -> anyhow::Result<ExitStatus> {
                 },
                 also_scan: also_scan.clone(),
                 allow: load_allowlist(allow.as_deref())?,
+                root_disk: *root_disk,
             };
             match image::seal(&req) {
                 Ok(record) => {
@@ -187,6 +193,7 @@ pub fn run(cmd: &ImageCmd, j: bool) -> anyhow::Result<ExitStatus> {
                             "name": v.name,
                             "kernel": v.kernel,
                             "initramfs": v.initramfs,
+                            "root_disk": v.root_disk,
                             "record": v.record,
                         }))?;
                     } else {

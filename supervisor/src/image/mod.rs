@@ -2,20 +2,28 @@
 //! build time and verification before boot.
 //!
 //! An image is a directory (`images/out/<name>/`) holding a kernel
-//! ([`KERNEL_FILE`]), an initramfs ([`INITRAMFS_FILE`]) and `image.json`
-//! ([`ImageRecord`]): the SHA-256 of both files, the kernel package they came
-//! from, and the result of the credential scan ([`scan`]).
+//! ([`KERNEL_FILE`]), an initramfs ([`INITRAMFS_FILE`]), optionally a
+//! read-only ext4 root disk ([`ROOT_DISK_FILE`], e.g. image `devbox`) and
+//! `image.json` ([`ImageRecord`]): the SHA-256 of those files, the kernel
+//! package they came from, and the result of the credential scan ([`scan`]).
 //!
 //! **Architecture Invariant:** [`seal`] writes a record whose scan passed
 //! only if the scan found nothing, and [`verify`] — which the session calls
 //! before every boot — accepts an image only if its record says the scan
-//! passed and both files still hash to the recorded digests (DESIGN
-//! invariant 1). There is no flag to skip either.
+//! passed and every recorded file (the root disk too, when the record has
+//! one) still hashes to its recorded digest (DESIGN invariant 1). There is
+//! no flag to skip either. A root disk that is present but not recorded is
+//! never booted: [`VerifiedImage::root_disk`] comes from the record only.
+//! The session may take the root disk's digest from a [`DigestCache`]
+//! ([`verify_with`]); that replaces reading the file while its `stat` is
+//! unchanged, never the comparison with the record ([`digest_cache`]
+//! argues why it is safe).
 //!
 //! Residual risk: `verify` checks the files, then QEMU opens them by path. The
 //! images directory must be writable only by the user running the supervisor.
 
 pub mod cpio;
+pub mod digest_cache;
 pub mod scan;
 
 use std::fs;
@@ -25,12 +33,16 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub use digest_cache::DigestCache;
 pub use scan::{Allowlist, Finding, Location, Rule, ScanError, ScanReport};
 
 /// The kernel's file name inside an image directory.
 pub const KERNEL_FILE: &str = "vmlinuz";
 /// The initramfs's file name inside an image directory.
 pub const INITRAMFS_FILE: &str = "initramfs.cpio.gz";
+/// The root disk's file name inside an image directory (raw ext4, attached
+/// read-only).
+pub const ROOT_DISK_FILE: &str = "root.ext4";
 /// The record's file name inside an image directory.
 pub const RECORD_FILE: &str = "image.json";
 /// Overrides where named images are looked up.
@@ -120,6 +132,10 @@ pub struct ImageRecord {
     pub name: String,
     pub kernel: FileDigest,
     pub initramfs: FileDigest,
+    /// The read-only root disk, for images that have one. Absent in
+    /// records of initramfs-only images (and of older builds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_disk: Option<FileDigest>,
     pub kernel_package: KernelPackage,
     pub scan: ScanRecord,
 }
@@ -135,6 +151,9 @@ pub struct SealRequest {
     pub also_scan: Vec<PathBuf>,
     /// Known public test keys to accept (the recipe's `scan-allow`).
     pub allow: Allowlist,
+    /// The directory also holds [`ROOT_DISK_FILE`]: record its digest. Its
+    /// contents are scanned through its source tree in `also_scan`.
+    pub root_disk: bool,
 }
 
 /// An image that passed [`verify`]: boot these paths.
@@ -144,6 +163,8 @@ pub struct VerifiedImage {
     pub dir: PathBuf,
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
+    /// The root disk to attach read-only, when the record has one.
+    pub root_disk: Option<PathBuf>,
     pub record: ImageRecord,
 }
 
@@ -281,6 +302,11 @@ pub fn seal(req: &SealRequest) -> Result<ImageRecord, ImageError> {
     }
     let kernel = digest(name, &req.dir, KERNEL_FILE)?;
     let initramfs = digest(name, &req.dir, INITRAMFS_FILE)?;
+    let root_disk = if req.root_disk {
+        Some(digest(name, &req.dir, ROOT_DISK_FILE)?)
+    } else {
+        None
+    };
 
     let scan_err = |source| ImageError::Scan {
         name: name.clone(),
@@ -309,6 +335,7 @@ pub fn seal(req: &SealRequest) -> Result<ImageRecord, ImageError> {
         name: name.clone(),
         kernel,
         initramfs,
+        root_disk,
         kernel_package: req.kernel_package.clone(),
         scan: ScanRecord {
             passed: report.is_clean(),
@@ -367,10 +394,64 @@ fn dir_name(dir: &Path) -> String {
         .unwrap_or_else(|| dir.display().to_string())
 }
 
+/// The digest of a root disk, from `cache` when a fresh `stat` matches a
+/// remembered one exactly ([`digest_cache`] says why that is safe), else
+/// by hashing it (and remembering the result when it may).
+fn root_disk_digest(name: &str, dir: &Path, cache: &DigestCache) -> Result<FileDigest, ImageError> {
+    use digest_cache::{Entry, FileStamp, now_ns, reusable, storable};
+    let path = dir.join(ROOT_DISK_FILE);
+    let stat = |path: &Path| match fs::metadata(path) {
+        Ok(meta) => Ok(FileStamp::of(&meta)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(ImageError::Missing {
+            name: name.to_string(),
+            dir: dir.to_path_buf(),
+            file: ROOT_DISK_FILE,
+        }),
+        Err(source) => Err(ImageError::Io {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            source,
+        }),
+    };
+    let before = stat(&path)?;
+    let key = fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+    if let Some(entry) = cache.get(&key)
+        && reusable(&entry, &before)
+    {
+        return Ok(FileDigest {
+            file: ROOT_DISK_FILE.to_string(),
+            sha256: entry.sha256,
+            size: entry.size,
+        });
+    }
+    let started = now_ns();
+    let fresh = digest(name, dir, ROOT_DISK_FILE)?;
+    let after = stat(&path)?;
+    if storable(&before, &after, started, cache.policy) && fresh.size == after.size {
+        // A cache that cannot be written only costs the next run a hash.
+        let _ = cache.put(
+            &key,
+            Entry {
+                stamp: after,
+                sha256: fresh.sha256.clone(),
+                size: fresh.size,
+            },
+        );
+    }
+    Ok(fresh)
+}
+
 /// Checks an image before boot: its record is readable and of this format,
-/// names this directory's image, records a passing scan, and both files hash
-/// to the recorded digests.
+/// names this directory's image, records a passing scan, and every recorded
+/// file hashes to its recorded digest.
 pub fn verify(dir: &Path) -> Result<VerifiedImage, ImageError> {
+    verify_with(dir, None)
+}
+
+/// [`verify`], taking the root disk's digest from `cache` when its `stat`
+/// is unchanged since it was last hashed (the session does this; `zerolease
+/// image verify` always hashes everything).
+pub fn verify_with(dir: &Path, cache: Option<&DigestCache>) -> Result<VerifiedImage, ImageError> {
     let name = dir_name(dir);
     let record = read_record(dir)?;
     if record.format != RECORD_FORMAT {
@@ -391,11 +472,17 @@ pub fn verify(dir: &Path) -> Result<VerifiedImage, ImageError> {
             findings: record.scan.findings.len(),
         });
     }
-    for (file, recorded) in [
-        (KERNEL_FILE, &record.kernel),
-        (INITRAMFS_FILE, &record.initramfs),
-    ] {
-        let actual = digest(&name, dir, file)?;
+    let files = [
+        (KERNEL_FILE, Some(&record.kernel)),
+        (INITRAMFS_FILE, Some(&record.initramfs)),
+        (ROOT_DISK_FILE, record.root_disk.as_ref()),
+    ];
+    for (file, recorded) in files {
+        let Some(recorded) = recorded else { continue };
+        let actual = match cache {
+            Some(cache) if file == ROOT_DISK_FILE => root_disk_digest(&name, dir, cache)?,
+            _ => digest(&name, dir, file)?,
+        };
         if recorded.file != file || actual.sha256 != recorded.sha256.to_ascii_lowercase() {
             return Err(ImageError::DigestMismatch {
                 name,
@@ -408,6 +495,7 @@ pub fn verify(dir: &Path) -> Result<VerifiedImage, ImageError> {
     Ok(VerifiedImage {
         kernel: dir.join(KERNEL_FILE),
         initramfs: dir.join(INITRAMFS_FILE),
+        root_disk: record.root_disk.as_ref().map(|_| dir.join(ROOT_DISK_FILE)),
         dir: dir.to_path_buf(),
         name,
         record,
@@ -418,6 +506,15 @@ pub fn verify(dir: &Path) -> Result<VerifiedImage, ImageError> {
 /// under [`images_root`]`(images)`, or a directory path (contains `/`).
 pub fn verify_named(arg: &str, images: Option<&Path>) -> Result<VerifiedImage, ImageError> {
     verify(&resolve(arg, &images_root(images))?)
+}
+
+/// [`verify_named`] with a root-disk digest cache ([`verify_with`]).
+pub fn verify_named_with(
+    arg: &str,
+    images: Option<&Path>,
+    cache: Option<&DigestCache>,
+) -> Result<VerifiedImage, ImageError> {
+    verify_with(&resolve(arg, &images_root(images))?, cache)
 }
 
 #[cfg(test)]

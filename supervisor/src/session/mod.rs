@@ -327,7 +327,11 @@ async fn drive(
     stderr: &mut (dyn Write + Send),
 ) -> Result<RunOutcome, SessionError> {
     held.progress.phase(progress::Phase::ImageCheck);
-    let image: VerifiedImage = image::verify_named(&manifest.image, config.images.as_deref())?;
+    let image: VerifiedImage = image::verify_named_with(
+        &manifest.image,
+        config.images.as_deref(),
+        Some(&image::DigestCache::in_state_dir(config.home.root())),
+    )?;
     let ws = workspace::for_session(manifest, config.workspace.as_deref())?;
     if let Some(w) = &ws {
         workspace::announce(w, stderr);
@@ -448,6 +452,7 @@ async fn drive(
             .as_ref()
             .map(workspace::Disks::raw_disks)
             .unwrap_or_default(),
+        root_disk: image.root_disk.clone(),
         net: Some(NetSpec {
             fd: 3,
             mac: Mac::for_session(&id),

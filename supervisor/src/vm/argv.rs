@@ -28,6 +28,9 @@ use crate::jail::JailId;
 /// The virtio-serial port name of the control channel, as the guest sees it
 /// under `/sys/class/virtio-ports/*/name`.
 pub const CONTROL_PORT: &str = "org.zerolease.control";
+/// The virtio-blk serial of an image's read-only root disk; the guest finds
+/// the disk by it (`/sys/block/*/serial`) whatever its `vdX` name.
+pub const ROOT_DISK_SERIAL: &str = "zl-root";
 /// The virtio-serial port name of the raw TTY stream.
 pub const TTY_PORT: &str = "org.zerolease.tty";
 
@@ -156,6 +159,10 @@ pub struct VmSpec {
     /// Raw disks (the workspace's in and out disks), attached as virtio-blk
     /// with a serial the guest finds them by in `/sys/block/*/serial`.
     pub raw_disks: Vec<RawDisk>,
+    /// The image's root file system (raw ext4), attached read-only as
+    /// virtio-blk with serial [`ROOT_DISK_SERIAL`]; the kernel command line
+    /// then tells the guest agent to switch to it.
+    pub root_disk: Option<PathBuf>,
     /// Sessions always have a network; `None` gives the guest no NIC.
     pub net: Option<NetSpec>,
     /// The session's private runtime directory: sockets and logs go here.
@@ -196,12 +203,15 @@ pub enum ArgvError {
 }
 
 /// The kernel command line for a session.
-pub fn kernel_cmdline(net: Option<&NetSpec>) -> String {
+pub fn kernel_cmdline(net: Option<&NetSpec>, root_disk: bool) -> String {
     let mut line = String::from("console=ttyS0 quiet panic=-1");
     if let Some(net) = net {
         line.push_str(&format!(" zl.ip={}/30 zl.gw={}", net.guest_ip, net.host_ip));
     }
     line.push_str(&format!(" zl.port={CONTROL_PORT}"));
+    if root_disk {
+        line.push_str(&format!(" zl.root={ROOT_DISK_SERIAL}"));
+    }
     line
 }
 
@@ -238,7 +248,24 @@ pub fn build_argv(spec: &VmSpec) -> Result<Vec<OsString>, ArgvError> {
         if let Some(initrd) = &boot.initrd {
             push(&["-initrd", option_path(initrd)?]);
         }
-        push(&["-append", &kernel_cmdline(spec.net.as_ref())]);
+        push(&[
+            "-append",
+            &kernel_cmdline(spec.net.as_ref(), spec.root_disk.is_some()),
+        ]);
+    }
+
+    if let Some(root) = &spec.root_disk {
+        // Read-only for QEMU as well as for the guest: the image is shared
+        // by every session and must never change.
+        let root = option_path(root)?;
+        push(&[
+            "-drive",
+            &format!("file={root},format=raw,if=none,id=root,readonly=on"),
+        ]);
+        push(&[
+            "-device",
+            &format!("virtio-blk-pci,drive=root,serial={ROOT_DISK_SERIAL}"),
+        ]);
     }
 
     if let Some(disk) = &spec.disk {
@@ -343,6 +370,7 @@ mod tests {
             }),
             disk: None,
             raw_disks: Vec::new(),
+            root_disk: None,
             net: Some(NetSpec {
                 fd: 3,
                 mac: Mac([0x52, 0x54, 0, 1, 2, 3]),
@@ -523,6 +551,27 @@ mod tests {
                 Some("file=/run/zl/abc123/overlay.qcow2,format=qcow2,if=none,id=d0,discard=unmap"),
             ),
             (
+                "root disk, read-only raw",
+                |s| s.root_disk = Some("/img/devbox/root.ext4".into()),
+                "-drive",
+                Some("file=/img/devbox/root.ext4,format=raw,if=none,id=root,readonly=on"),
+            ),
+            (
+                "root disk found by serial",
+                |s| s.root_disk = Some("/img/devbox/root.ext4".into()),
+                "-device",
+                Some("virtio-blk-pci,drive=root,serial=zl-root"),
+            ),
+            (
+                "root disk named on the kernel command line",
+                |s| s.root_disk = Some("/img/devbox/root.ext4".into()),
+                "-append",
+                Some(
+                    "console=ttyS0 quiet panic=-1 zl.ip=10.77.0.2/30 zl.gw=10.77.0.1 \
+                     zl.port=org.zerolease.control zl.root=zl-root",
+                ),
+            ),
+            (
                 "trailing slash on the runtime dir",
                 |s| s.runtime_dir = "/run/zl/x/".into(),
                 "-qmp",
@@ -569,6 +618,16 @@ mod tests {
                 "comma in disk path",
                 |s| s.disk = Some("/d,file=/etc/shadow".into()),
                 ArgvError::BadPath("/d,file=/etc/shadow".into()),
+            ),
+            (
+                "comma in root disk path",
+                |s| s.root_disk = Some("/img/a,snapshot=off".into()),
+                ArgvError::BadPath("/img/a,snapshot=off".into()),
+            ),
+            (
+                "relative root disk path",
+                |s| s.root_disk = Some("images/out/devbox/root.ext4".into()),
+                ArgvError::BadPath("images/out/devbox/root.ext4".into()),
             ),
             (
                 "stdin as tap",

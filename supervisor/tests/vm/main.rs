@@ -57,6 +57,7 @@ fn spec(session: &str, dir: &Path) -> VmSpec {
         boot: None,
         disk: None,
         raw_disks: Vec::new(),
+        root_disk: None,
         net: None,
         runtime_dir: dir.to_owned(),
     }

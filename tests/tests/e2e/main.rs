@@ -2,6 +2,7 @@
 //! builds its own network namespaces (see `zerolease_tests::Netns`) and needs
 //! root; under `CI=true` a missing privilege or tool fails the test.
 
+mod devbox;
 mod jail;
 mod lease;
 mod proxy;

@@ -171,7 +171,13 @@ impl SessionWorld {
         upstream.ip(["addr", "add", "198.18.0.2/24", "dev", "eth0"]);
         upstream.ip(["link", "set", "eth0", "up"]);
 
-        let ca = TestCa::new(&[API, "other.session.test", "open.session.test"]);
+        // api.anthropic.com: the devbox tests map it to this upstream.
+        let ca = TestCa::new(&[
+            API,
+            "other.session.test",
+            "open.session.test",
+            "api.anthropic.com",
+        ]);
         let dir = tempfile::tempdir().unwrap();
         let git_root = dir.path().join("git");
         seed_repo(&git_root);
