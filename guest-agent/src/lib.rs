@@ -98,7 +98,7 @@ mod tests {
     fn version_line_names_both_versions() {
         assert_eq!(
             version_line(),
-            format!("zerolease-guest {AGENT_VERSION} (protocol 1.0)")
+            format!("zerolease-guest {AGENT_VERSION} (protocol 1.1)")
         );
     }
 

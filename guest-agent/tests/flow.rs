@@ -128,6 +128,7 @@ fn provision(command: &[&str]) -> Provision {
         command: command.iter().map(|s| (*s).to_owned()).collect(),
         workdir: "/home/agent/work".into(),
         user: "agent".into(),
+        tty: None,
     }
 }
 

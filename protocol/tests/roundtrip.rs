@@ -125,6 +125,7 @@ fn provision() -> impl Strategy<Value = Provision> {
                     command,
                     workdir: format!("/{workdir}"),
                     user,
+                    tty: None,
                 }
             },
         )
@@ -344,6 +345,7 @@ fn nasty_secrets_round_trip_byte_exact() {
             command: vec!["sh".into()],
             workdir: "/home/agent".into(),
             user: "agent".into(),
+            tty: None,
         }));
         let back = through_frames(std::slice::from_ref(&message));
         let HostMessage::Provision(p) = &back[0] else {
@@ -391,6 +393,7 @@ fn debug_never_shows_the_canary() {
         command: vec!["claude".into()],
         workdir: "/home/agent".into(),
         user: "agent".into(),
+        tty: None,
     };
     let messages = [
         HostMessage::Provision(Box::new(provision.clone())),

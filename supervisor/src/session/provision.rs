@@ -110,6 +110,7 @@ pub(super) fn build(
         command,
         workdir: manifest.workdir.clone(),
         user: manifest.user.clone(),
+        tty: None,
     })
 }
 
