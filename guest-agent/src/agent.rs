@@ -49,7 +49,8 @@ use zerolease_protocol::{
 use crate::AGENT_VERSION;
 use crate::credential::{self, CredentialAsk, GitCredential, ServerPolicy};
 use crate::provision::{self, Layout, Provisioned, paths};
-use crate::run::{self, AgentEvent, Reaping};
+use crate::run::{self, AgentEvent, AgentIo, Reaping};
+use crate::tty;
 
 /// How the loop is set up.
 #[derive(Debug, Clone)]
@@ -64,6 +65,8 @@ pub struct AgentConfig {
     pub credential_timeout: Duration,
     /// Whether to reap every child (PID 1) or only the agent.
     pub reaping: Reaping,
+    /// Where the TTY port is, for interactive agents.
+    pub tty_port: tty::PortLookup,
 }
 
 /// Why the loop stopped without error.
@@ -107,6 +110,8 @@ struct State {
     revoked: bool,
     next_id: u64,
     pending: HashMap<u64, mpsc::Sender<Option<GitCredential>>>,
+    /// The pty master of an interactive agent, for `Resize`.
+    tty_master: Option<std::os::fd::OwnedFd>,
 }
 
 /// Says hello on the control channel, then serves the host until it says
@@ -140,6 +145,7 @@ where
         revoked: false,
         next_id: 1,
         pending: HashMap::new(),
+        tty_master: None,
     };
     let outcome = loop {
         let Ok(event) = rx.recv() else {
@@ -230,8 +236,9 @@ fn on_host<W: Write>(
                 return Ok(None);
             }
             match start(&spec, config, tx) {
-                Ok((done, pid)) => {
+                Ok((done, pid, master)) => {
                     state.provisioned = Some(done);
+                    state.tty_master = master;
                     state.agent_running = true;
                     writer.write_message(&GuestMessage::Provisioned {})?;
                     writer.write_message(&GuestMessage::Started { pid })?;
@@ -292,6 +299,14 @@ fn on_host<W: Write>(
             writer.write_message(&GuestMessage::Revoked {})?;
         }
         HostMessage::Shutdown {} => return Ok(Some(Outcome::Shutdown)),
+        HostMessage::Resize { rows, cols } => match &state.tty_master {
+            Some(master) => {
+                if let Err(err) = tty::set_size(std::os::fd::AsFd::as_fd(master), rows, cols) {
+                    log(&format!("cannot resize the terminal: {err}"));
+                }
+            }
+            None => log("ignoring a resize: the agent has no terminal"),
+        },
     }
     Ok(None)
 }
@@ -314,12 +329,14 @@ fn on_credential<W: Write>(
 }
 
 /// Provisions and starts the agent; on failure, the reason for
-/// `ProvisionFailed` (nothing is left written).
+/// `ProvisionFailed` (nothing is left written). Returns the pty master too
+/// when the agent is interactive.
 fn start(
     spec: &Provision,
     config: &AgentConfig,
     tx: &mpsc::SyncSender<Event>,
-) -> Result<(Provisioned, u32), String> {
+) -> Result<(Provisioned, u32, Option<std::os::fd::OwnedFd>), String> {
+    let spec = &with_term(spec);
     let done = provision::provision(&config.layout, spec, &config.helper_command)
         .map_err(|err| reason(&err))?;
     let undo = |why: String| {
@@ -348,19 +365,48 @@ fn start(
             })
             .map_err(|err| undo(format!("cannot create the workdir {}: {err}", spec.workdir)))?;
     }
+    let (io, master) = match &spec.tty {
+        None => (AgentIo::Pipes, None),
+        Some(tty_spec) => {
+            let terminal = || -> Result<_, tty::TtyError> {
+                let port = tty::open_port(&config.tty_port)?;
+                let (master, slave) = tty::open_pty(tty_spec, done.user.uid, done.user.gid)?;
+                let drained = tty::start_relay(&master, port)?;
+                Ok((AgentIo::Pty { slave, drained }, Some(master)))
+            };
+            terminal().map_err(|err| undo(reason(&err)))?
+        }
+    };
     let agent_tx = tx.clone();
-    let pid = run::spawn(
+    let pid = run::spawn_io(
         &spec.command,
         &done.env,
         &done.user,
         &workdir,
         config.reaping,
+        io,
         move |event| {
             let _ = agent_tx.send(Event::Agent(event));
         },
     )
     .map_err(|err| undo(reason(&err)))?;
-    Ok((done, pid))
+    Ok((done, pid, master))
+}
+
+/// `spec` with `TERM` from its `tty` added to the plain environment, unless
+/// the manifest set one.
+fn with_term(spec: &Provision) -> Provision {
+    let mut spec = spec.clone();
+    if let Some(tty) = &spec.tty
+        && !spec.env_plain.iter().any(|v| v.name == "TERM")
+        && !spec.env.iter().any(|v| v.name == "TERM")
+    {
+        spec.env_plain.push(zerolease_protocol::PlainEnvVar {
+            name: "TERM".to_owned(),
+            value: tty.term.clone(),
+        });
+    }
+    spec
 }
 
 /// An error and its causes as one line, for the host (no control

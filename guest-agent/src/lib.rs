@@ -34,6 +34,7 @@ pub mod env;
 pub mod passwd;
 pub mod provision;
 pub mod run;
+pub mod tty;
 pub mod virtio;
 
 /// An error and its causes on one line (`what: because: because`), for the

@@ -74,6 +74,7 @@ fn start(uid: u32) -> Guest {
         helper_command: "/init credential".into(),
         credential_timeout: Duration::from_secs(10),
         reaping: Reaping::AgentOnly,
+        tty_port: zerolease_guest::tty::lookup_under(dir.path()),
     };
     let agent = std::thread::spawn(move || {
         let reader = guest_end.try_clone().unwrap();
@@ -454,6 +455,7 @@ fn handshake_with(
         helper_command: "/init credential".into(),
         credential_timeout: Duration::from_secs(1),
         reaping: Reaping::AgentOnly,
+        tty_port: zerolease_guest::tty::lookup_under(dir.path()),
     };
     let agent = std::thread::spawn(move || {
         let reader = guest_end.try_clone().unwrap();
