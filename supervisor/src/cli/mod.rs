@@ -109,6 +109,10 @@ enum Command {
         /// How long to wait for the guest agent's hello, per accelerator.
         #[arg(long, default_value = "90s")]
         hello_timeout: String,
+        /// Never attach the terminal, even when stdin and stdout are one:
+        /// the agent's output is piped and it gets no input.
+        #[arg(long)]
+        no_tty: bool,
         /// Run this instead of the manifest's command.
         #[arg(last = true)]
         command: Vec<String>,
@@ -358,6 +362,7 @@ pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitCode> {
             agent,
             images,
             hello_timeout,
+            no_tty,
             command,
         } => {
             return run_session(
@@ -367,6 +372,7 @@ pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitCode> {
                 agent,
                 images,
                 &hello_timeout,
+                no_tty,
                 command,
             );
         }
@@ -841,6 +847,7 @@ fn audit(vault: &Vault, cmd: AuditCmd, j: bool) -> anyhow::Result<ExitStatus> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_session(
     vault: Vault,
     home: Option<PathBuf>,
@@ -848,6 +855,7 @@ fn run_session(
     agent: Option<String>,
     images: Option<PathBuf>,
     hello_timeout: &str,
+    no_tty: bool,
     command: Vec<String>,
 ) -> anyhow::Result<ExitCode> {
     let manifest = Manifest::load(manifest_path).map_err(|e| VaultError::Invalid(e.to_string()))?;
@@ -857,6 +865,8 @@ fn run_session(
         agent,
         command: (!command.is_empty()).then_some(command),
         hello_bound: parse_duration(hello_timeout).map_err(VaultError::Invalid)?,
+        tty: crate::session::tty::wants_tty(no_tty)
+            .then(crate::session::tty::spec_for_this_terminal),
     };
     for id in crate::session::reap_orphans(&vault, &config.home) {
         eprintln!("reaped session `{id}`, left behind by a zerolease run that died");

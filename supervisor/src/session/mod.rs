@@ -15,6 +15,7 @@
 
 mod provision;
 pub mod record;
+pub mod tty;
 
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -66,6 +67,9 @@ pub struct RunConfig {
     pub command: Option<Vec<String>>,
     /// Bound on the guest's hello, per accelerator tried.
     pub hello_bound: Duration,
+    /// Attach this process's terminal to the agent through a pty in the
+    /// guest (see `tty`); `None` runs it with piped output.
+    pub tty: Option<zerolease_protocol::TtySpec>,
 }
 
 /// How a session ended.
@@ -124,6 +128,10 @@ pub enum SessionError {
     Interrupted(&'static str),
     #[error("the session was destroyed by `zerolease destroy`")]
     Destroyed,
+    #[error("the session was stopped from its terminal (~.)")]
+    Escaped,
+    #[error(transparent)]
+    Tty(#[from] tty::TtyError),
 }
 
 /// What another `zerolease` process may ask of a running session over its
@@ -210,7 +218,7 @@ pub async fn run(
         tokio::select! {
             r = drive => r,
             _ = tokio::time::sleep(timeout) => Err(SessionError::Timeout(timeout)),
-            _ = interrupted() => Err(SessionError::Interrupted("signal")),
+            _ = interrupted(config.tty.is_some()) => Err(SessionError::Interrupted("signal")),
         }
     };
     cleanup(&vault, &mut held).await;
@@ -220,6 +228,7 @@ pub async fn run(
             format!("agent exit code {:?}, signal {:?}", o.code, o.signal),
         ),
         Err(SessionError::Destroyed) => ("destroyed", "by zerolease destroy".to_owned()),
+        Err(SessionError::Escaped) => ("destroyed", "stopped with ~. from its terminal".to_owned()),
         Err(e) => ("failed", e.to_string()),
     };
     let code = result.as_ref().ok().and_then(|o| o.code);
@@ -228,14 +237,27 @@ pub async fn run(
     result
 }
 
-async fn interrupted() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
+/// SIGTERM, SIGHUP (the terminal went away) and, unless the session is
+/// interactive, SIGINT. In an interactive session the terminal is raw, so
+/// Ctrl-C is a byte for the agent; a SIGINT from `kill` is ignored.
+async fn interrupted(interactive: bool) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        return std::future::pending().await;
+    };
+    let ctrl_c = async {
+        if interactive {
+            std::future::pending::<()>().await;
+        }
+        let _ = tokio::signal::ctrl_c().await;
     };
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
+        _ = ctrl_c => {}
         _ = term.recv() => {}
+        _ = hup.recv() => {}
     }
 }
 
@@ -411,7 +433,25 @@ async fn drive(
         .clone()
         .unwrap_or_else(|| manifest.command.clone());
     let proxy_url = format!("http://{host}:{}", PORTS.connect);
-    let provision = provision::build(vault, manifest, &leases, command, &proxy_url)?;
+    let mut provision = provision::build(vault, manifest, &leases, command, &proxy_url)?;
+    provision.tty = config.tty.clone();
+    // The terminal is joined before the agent starts, so its first output
+    // and the user's first keys are not lost.
+    let (tty_tx, mut tty_rx) = mpsc::unbounded_channel();
+    let relay = match &config.tty {
+        Some(_) => {
+            let socket = held
+                .vm
+                .as_ref()
+                .map(Vm::tty_socket)
+                .ok_or_else(|| SessionError::Setup("the VM is gone".into()))?;
+            let hint = format!(
+                "zerolease: session {session} is interactive; type Enter ~ . to stop it (~~ sends ~)"
+            );
+            Some(tty::TtyRelay::start(&socket, tty_tx.clone(), &hint)?)
+        }
+        None => None,
+    };
     send(&mut channel, &HostMessage::Provision(Box::new(provision))).await?;
 
     let (guest_tx, guest_rx) = mpsc::channel(64);
@@ -432,11 +472,19 @@ async fn drive(
         &mut channel,
         guest_rx,
         control,
+        &mut tty_rx,
         stdout,
         stderr,
     )
     .await;
     reader.abort();
+    drop(tty_tx);
+    // On an error the relay is simply dropped: stopped, terminal restored.
+    if let Some(relay) = relay
+        && served.is_ok()
+    {
+        relay.drain_and_stop().await;
+    }
     let outcome = served?;
     let _ = send(&mut channel, &HostMessage::Shutdown {}).await;
     held.transition(
@@ -589,12 +637,20 @@ async fn serve(
     channel: &mut (impl AsyncWrite + Unpin),
     mut guest: mpsc::Receiver<Result<Option<GuestMessage>, SessionError>>,
     control: UnixListener,
+    tty: &mut mpsc::UnboundedReceiver<tty::TtyEvent>,
     stdout: &mut (dyn Write + Send),
     stderr: &mut (dyn Write + Send),
 ) -> Result<RunOutcome, SessionError> {
     let session = held.session.clone().unwrap_or_default();
     loop {
         let msg = tokio::select! {
+            Some(event) = tty.recv() => match event {
+                tty::TtyEvent::Resize { rows, cols } => {
+                    send(channel, &HostMessage::Resize { rows, cols }).await?;
+                    continue;
+                }
+                tty::TtyEvent::Escape => return Err(SessionError::Escaped),
+            },
             m = guest.recv() => match m {
                 Some(Ok(Some(msg))) => msg,
                 Some(Err(e)) => return Err(e),

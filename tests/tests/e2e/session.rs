@@ -232,6 +232,7 @@ impl SessionWorld {
             agent: None,
             command: None,
             hello_bound: Duration::from_secs(120),
+            tty: None,
         }
     }
 
