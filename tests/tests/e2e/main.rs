@@ -6,4 +6,5 @@ mod jail;
 mod proxy;
 mod session;
 mod tap;
+mod tty;
 mod world;
