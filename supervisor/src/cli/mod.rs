@@ -6,6 +6,7 @@
 //! `lease access` on stdout.
 
 mod image_cmd;
+mod logs;
 mod output;
 
 use std::io::{IsTerminal, Read};
@@ -95,6 +96,13 @@ enum Command {
     /// Revoke and tear a session down: QEMU, tap, nftables table, runtime
     /// directory. Works on a session whose `zerolease run` died, too.
     Destroy { session: String },
+    /// Print the agent's output of a session (the newest 8 MiB are kept).
+    Logs {
+        session: String,
+        /// Keep printing new output until the session ends.
+        #[arg(short, long)]
+        follow: bool,
+    },
     /// Run a session: boot a disposable VM from the manifest's image, lease
     /// its credentials, run the agent, tear everything down. Exits with the
     /// agent's exit code.
@@ -331,6 +339,9 @@ pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitCode> {
     if let Command::Image(cmd) = &cli.command {
         return image_cmd::run(cmd, cli.json).map(Into::into);
     }
+    if let Command::Logs { session, follow } = &cli.command {
+        return logs::run(cli.home.clone(), session, *follow).map(Into::into);
+    }
     let mut vault = open_vault(&cli, env_keys)?;
     let j = cli.json;
     let status = match cli.command {
@@ -342,6 +353,7 @@ pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitCode> {
             manifest_check(&vault, &file, agent, j)
         }
         Command::Image(cmd) => image_cmd::run(&cmd, j),
+        Command::Logs { session, follow } => logs::run(cli.home.clone(), &session, follow),
         Command::Ps { all } => sessions_ps(&vault, cli.home.clone(), all, j),
         Command::Revoke { session } => session_control(
             &vault,

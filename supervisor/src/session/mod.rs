@@ -13,6 +13,7 @@
 //! `destroy` from another terminal, the reaper at start-up, and the
 //! interactive TTY are not built yet (see ARCHITECTURE.md).
 
+pub mod log;
 mod provision;
 pub mod record;
 pub mod tty;
@@ -171,6 +172,8 @@ struct Held {
     proxy: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
     registry: Option<ProxyRegistry>,
     runtime_dir: Option<PathBuf>,
+    /// The agent's output on disk (opened once the session has an id).
+    log: log::SessionLog,
 }
 
 fn record(vault: &Vault, session: &str, state: &str, detail: String) {
@@ -214,7 +217,17 @@ pub async fn run(
     let mut held = Held::default();
     let timeout = manifest.timeout;
     let result = {
-        let drive = drive(&vault, &manifest, &config, &mut held, stdout, stderr);
+        let (mut out, mut err) = (
+            log::Tee {
+                out: stdout,
+                log: held.log.clone(),
+            },
+            log::Tee {
+                out: stderr,
+                log: held.log.clone(),
+            },
+        );
+        let drive = drive(&vault, &manifest, &config, &mut held, &mut out, &mut err);
         tokio::select! {
             r = drive => r,
             _ = tokio::time::sleep(timeout) => Err(SessionError::Timeout(timeout)),
@@ -322,6 +335,9 @@ async fn drive(
             exit_code: None,
         },
     ));
+    if let Err(e) = held.log.open(&config.home, &session) {
+        tracing::warn!("cannot create the session's output log: {e}");
+    }
     held.transition(
         vault,
         "created",
@@ -448,7 +464,12 @@ async fn drive(
             let hint = format!(
                 "zerolease: session {session} is interactive; type Enter ~ . to stop it (~~ sends ~)"
             );
-            Some(tty::TtyRelay::start(&socket, tty_tx.clone(), &hint)?)
+            Some(tty::TtyRelay::start(
+                &socket,
+                tty_tx.clone(),
+                &hint,
+                held.log.clone(),
+            )?)
         }
         None => None,
     };

@@ -269,6 +269,7 @@ impl TtyRelay {
         socket_path: &Path,
         events: mpsc::UnboundedSender<TtyEvent>,
         hint: &str,
+        log: super::log::SessionLog,
     ) -> Result<TtyRelay, TtyError> {
         let socket = UnixStream::connect(socket_path).map_err(|source| TtyError::Connect {
             path: socket_path.to_owned(),
@@ -287,7 +288,7 @@ impl TtyRelay {
         let epoch = Instant::now();
         let last_output = Arc::new(AtomicU64::new(0));
         let last = last_output.clone();
-        let output = std::thread::spawn(move || copy_to_terminal(from_guest, &last, epoch));
+        let output = std::thread::spawn(move || copy_to_terminal(from_guest, &last, epoch, &log));
         let escape_tx = events.clone();
         let input = std::thread::spawn(move || {
             if copy_from_keyboard(to_guest, stop_read) == Some(Escape::Stop) {
@@ -353,7 +354,12 @@ impl Drop for TtyRelay {
     }
 }
 
-fn copy_to_terminal(mut from_guest: UnixStream, last: &AtomicU64, epoch: Instant) {
+fn copy_to_terminal(
+    mut from_guest: UnixStream,
+    last: &AtomicU64,
+    epoch: Instant,
+    log: &super::log::SessionLog,
+) {
     let mut buf = vec![0u8; 16 * 1024];
     let mut out = std::io::stdout();
     loop {
@@ -362,6 +368,7 @@ fn copy_to_terminal(mut from_guest: UnixStream, last: &AtomicU64, epoch: Instant
             Ok(n) => {
                 let now = u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
                 last.store(now, Ordering::Relaxed);
+                log.append(&buf[..n]);
                 if out.write_all(&buf[..n]).and_then(|()| out.flush()).is_err() {
                     return;
                 }
