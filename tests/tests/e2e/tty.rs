@@ -257,3 +257,109 @@ fn an_interactive_session_gets_a_real_terminal_and_the_escape_ends_it() {
     w.assert_no_leftovers(&id);
     assert!(!text.contains(CANARY), "the canary reached the terminal");
 }
+
+/// The output log: a non-interactive `zerolease run` (the existing piped
+/// mode) keeps stdout and stderr in `sessions/<id>/output.log`, 0600;
+/// `zerolease logs -f` started while the agent runs prints everything and
+/// returns once the session has ended; `zerolease logs` prints it again.
+#[test]
+fn logs_keep_the_agents_output_and_follow_it_until_the_end() {
+    if !require_root_and_tools(&["ip", "nft", "qemu-system-x86_64"]) || !image_ready() {
+        return;
+    }
+    let bin = zerolease_bin();
+    let w = SessionWorld::new(
+        "echo first-$((1+1)); echo err-$((2+2)) >&2; sleep 6; echo second-$((3+3)); exit 3",
+    );
+    let home = w.dir.path().join("home");
+    let run = Command::new("ip")
+        .args(["netns", "exec", w.host.name()])
+        .arg(&bin)
+        .args(["run", "--no-tty"])
+        .arg(w.dir.path().join("session.yaml"))
+        .env("ZEROLEASE_HOME", &home)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    // The session's record appears once it has an id; its log with it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let id = loop {
+        let found = std::fs::read_dir(home.join("sessions"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.strip_suffix(".json").map(str::to_owned)
+            })
+            .next();
+        if let Some(id) = found {
+            break id;
+        }
+        assert!(Instant::now() < deadline, "no session record appeared");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let follow = Command::new(&bin)
+        .args(["logs", "-f", &id])
+        .env("ZEROLEASE_HOME", &home)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ran = run.wait_with_output().unwrap();
+    let ran_stdout = String::from_utf8_lossy(&ran.stdout).into_owned();
+    assert_eq!(
+        ran.status.code(),
+        Some(3),
+        "{ran_stdout}\n{}",
+        String::from_utf8_lossy(&ran.stderr)
+    );
+    // `-f` ends by itself once the session has ended.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(follow.wait_with_output());
+    });
+    let followed = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("logs -f did not return after the session ended")
+        .unwrap();
+    assert!(followed.status.success());
+    let followed = String::from_utf8_lossy(&followed.stdout).into_owned();
+    let (a, b, c) = (
+        followed.find("first-2"),
+        followed.find("err-4"),
+        followed.find("second-6"),
+    );
+    assert!(
+        a.is_some() && b.is_some() && c > a && c > b,
+        "logs -f printed:\n{followed}"
+    );
+    assert!(ran_stdout.contains("first-2") && ran_stdout.contains("second-6"));
+
+    // Afterwards, the whole log again, from the file.
+    let again = Command::new(&bin)
+        .args(["logs", &id])
+        .env("ZEROLEASE_HOME", &home)
+        .output()
+        .unwrap();
+    assert!(again.status.success());
+    assert_eq!(String::from_utf8_lossy(&again.stdout), followed);
+    let log = home.join("sessions").join(&id).join("output.log");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&log).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(!std::fs::read_to_string(&log).unwrap().contains(CANARY));
+    // A bad id is refused before any path is built from it.
+    let bad = Command::new(&bin)
+        .args(["logs", "../../etc"])
+        .env("ZEROLEASE_HOME", &home)
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    w.assert_no_leftovers(&id);
+}
