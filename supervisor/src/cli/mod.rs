@@ -5,6 +5,7 @@
 //! no-echo prompt — there is no flag that takes one — and leave only through
 //! `lease access` on stdout.
 
+mod detach;
 mod image_cmd;
 mod logs;
 mod output;
@@ -96,6 +97,9 @@ enum Command {
     /// Revoke and tear a session down: QEMU, tap, nftables table, runtime
     /// directory. Works on a session whose `zerolease run` died, too.
     Destroy { session: String },
+    /// Join the terminal of a session started with `run --detach`; Enter ~ .
+    /// detaches again (the session goes on).
+    Attach { session: String },
     /// Print the agent's output of a session (the newest 8 MiB are kept).
     Logs {
         session: String,
@@ -121,6 +125,13 @@ enum Command {
         /// the agent's output is piped and it gets no input.
         #[arg(long)]
         no_tty: bool,
+        /// Start the session in the background, print its id once it runs,
+        /// and exit; join it with `zerolease attach`.
+        #[arg(long, conflicts_with = "no_tty")]
+        detach: bool,
+        /// Internal: the background half of `--detach`.
+        #[arg(long, hide = true)]
+        detached_child: bool,
         /// Run this instead of the manifest's command.
         #[arg(last = true)]
         command: Vec<String>,
@@ -342,6 +353,9 @@ pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitCode> {
     if let Command::Logs { session, follow } = &cli.command {
         return logs::run(cli.home.clone(), session, *follow).map(Into::into);
     }
+    if let Command::Attach { session } = &cli.command {
+        return detach::attach(cli.home.clone(), session).map(Into::into);
+    }
     let mut vault = open_vault(&cli, env_keys)?;
     let j = cli.json;
     let status = match cli.command {
@@ -354,6 +368,7 @@ pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitCode> {
         }
         Command::Image(cmd) => image_cmd::run(&cmd, j),
         Command::Logs { session, follow } => logs::run(cli.home.clone(), &session, follow),
+        Command::Attach { session } => detach::attach(cli.home.clone(), &session),
         Command::Ps { all } => sessions_ps(&vault, cli.home.clone(), all, j),
         Command::Revoke { session } => session_control(
             &vault,
@@ -375,8 +390,31 @@ pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitCode> {
             images,
             hello_timeout,
             no_tty,
+            detach,
+            detached_child,
             command,
         } => {
+            if detach {
+                return detach::start(
+                    &vault,
+                    cli.home.clone(),
+                    detach::Background {
+                        manifest: &manifest,
+                        agent,
+                        images,
+                        hello_timeout: &hello_timeout,
+                        command,
+                    },
+                    j,
+                );
+            }
+            let tty = if detached_child {
+                TtyChoice::Detached
+            } else if no_tty {
+                TtyChoice::Never
+            } else {
+                TtyChoice::Auto
+            };
             return run_session(
                 vault,
                 cli.home.clone(),
@@ -384,7 +422,7 @@ pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitCode> {
                 agent,
                 images,
                 &hello_timeout,
-                no_tty,
+                tty,
                 command,
             );
         }
@@ -859,6 +897,18 @@ fn audit(vault: &Vault, cmd: AuditCmd, j: bool) -> anyhow::Result<ExitStatus> {
     }
 }
 
+/// Whether `run` joins a terminal to the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TtyChoice {
+    /// If stdin and stdout are terminals.
+    Auto,
+    /// `--no-tty`.
+    Never,
+    /// The background half of `--detach`: a pty in the guest, served on
+    /// `attach.sock`.
+    Detached,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run_session(
     vault: Vault,
@@ -867,7 +917,7 @@ fn run_session(
     agent: Option<String>,
     images: Option<PathBuf>,
     hello_timeout: &str,
-    no_tty: bool,
+    tty: TtyChoice,
     command: Vec<String>,
 ) -> anyhow::Result<ExitCode> {
     let manifest = Manifest::load(manifest_path).map_err(|e| VaultError::Invalid(e.to_string()))?;
@@ -877,8 +927,18 @@ fn run_session(
         agent,
         command: (!command.is_empty()).then_some(command),
         hello_bound: parse_duration(hello_timeout).map_err(VaultError::Invalid)?,
-        tty: crate::session::tty::wants_tty(no_tty)
-            .then(crate::session::tty::spec_for_this_terminal),
+        tty: match tty {
+            TtyChoice::Auto => crate::session::tty::wants_tty(false)
+                .then(crate::session::tty::spec_for_this_terminal),
+            TtyChoice::Never => None,
+            // No terminal yet: `attach` sends its size when it joins.
+            TtyChoice::Detached => Some(zerolease_protocol::TtySpec {
+                rows: 24,
+                cols: 80,
+                term: crate::session::tty::term_for(std::env::var("TERM").ok().as_deref()),
+            }),
+        },
+        detached: tty == TtyChoice::Detached,
     };
     for id in crate::session::reap_orphans(&vault, &config.home) {
         eprintln!("reaped session `{id}`, left behind by a zerolease run that died");

@@ -13,6 +13,7 @@
 //! `destroy` from another terminal, the reaper at start-up, and the
 //! interactive TTY are not built yet (see ARCHITECTURE.md).
 
+pub mod attach;
 pub mod log;
 mod provision;
 pub mod record;
@@ -71,6 +72,9 @@ pub struct RunConfig {
     /// Attach this process's terminal to the agent through a pty in the
     /// guest (see `tty`); `None` runs it with piped output.
     pub tty: Option<zerolease_protocol::TtySpec>,
+    /// With `tty`: serve the terminal on `attach.sock` for `zerolease
+    /// attach` instead of this process's terminal (`run --detach`).
+    pub detached: bool,
 }
 
 /// How a session ended.
@@ -464,8 +468,11 @@ async fn drive(
             let hint = format!(
                 "zerolease: session {session} is interactive; type Enter ~ . to stop it (~~ sends ~)"
             );
-            Some(tty::TtyRelay::start(
+            let dir = held.runtime_dir.clone().unwrap_or_default();
+            Some(tty::Joined::start(
+                config.detached,
                 &socket,
+                &dir,
                 tty_tx.clone(),
                 &hint,
                 held.log.clone(),

@@ -230,6 +230,42 @@ impl Drop for RawMode {
     }
 }
 
+/// The guest's terminal joined to the user: this process's own terminal
+/// (`run` in the foreground), or `attach.sock` (a detached session).
+#[derive(Debug)]
+pub enum Joined {
+    Terminal(TtyRelay),
+    Attach(super::attach::AttachServer),
+}
+
+impl Joined {
+    /// Joins the guest's terminal at `tty_socket`: to `attach.sock` in
+    /// `runtime_dir` if `detached`, else to this process's terminal.
+    pub fn start(
+        detached: bool,
+        tty_socket: &Path,
+        runtime_dir: &Path,
+        events: mpsc::UnboundedSender<TtyEvent>,
+        hint: &str,
+        log: super::log::SessionLog,
+    ) -> Result<Joined, TtyError> {
+        if detached {
+            let attach = super::attach::attach_socket(runtime_dir);
+            super::attach::AttachServer::start(tty_socket, &attach, events, log).map(Joined::Attach)
+        } else {
+            TtyRelay::start(tty_socket, events, hint, log).map(Joined::Terminal)
+        }
+    }
+
+    /// Lets the agent's last output through, then stops.
+    pub async fn drain_and_stop(self) {
+        match self {
+            Joined::Terminal(relay) => relay.drain_and_stop().await,
+            Joined::Attach(server) => server.drain_and_stop().await,
+        }
+    }
+}
+
 /// What the relay tells the session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TtyEvent {

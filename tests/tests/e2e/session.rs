@@ -233,6 +233,7 @@ impl SessionWorld {
             command: None,
             hello_bound: Duration::from_secs(120),
             tty: None,
+            detached: false,
         }
     }
 
