@@ -363,3 +363,84 @@ fn logs_keep_the_agents_output_and_follow_it_until_the_end() {
     assert!(!bad.status.success());
     w.assert_no_leftovers(&id);
 }
+
+/// `run --detach` prints the id of a running session and exits 0;
+/// `zerolease attach` gets a real terminal of its own size; Enter ~ .
+/// detaches and the session goes on; a second attach finds the same shell,
+/// whose `exit 5` ends the session: attach returns, the record says 5,
+/// nothing is left, and the log has what the terminal showed.
+#[test]
+fn a_detached_session_is_attached_detached_and_ended() {
+    if !require_root_and_tools(&["ip", "nft", "qemu-system-x86_64"]) || !image_ready() {
+        return;
+    }
+    let bin = zerolease_bin();
+    let w = SessionWorld::new("exec sh -i");
+    let home = w.dir.path().join("home");
+    let started = Command::new("ip")
+        .args(["netns", "exec", w.host.name()])
+        .arg(&bin)
+        .args(["run", "--detach"])
+        .arg(w.dir.path().join("session.yaml"))
+        .env("ZEROLEASE_HOME", &home)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let id = String::from_utf8_lossy(&started.stdout).trim().to_owned();
+    assert!(
+        started.status.success() && !id.is_empty(),
+        "run --detach: {:?}\n{id}\n{}",
+        started.status,
+        String::from_utf8_lossy(&started.stderr)
+    );
+    let record = || zerolease::session::record::SessionRecord::load(&w.home(), &id).unwrap();
+    assert_eq!(record().state, "running");
+    assert!(record().supervisor_alive());
+
+    // First attach: a terminal of the attaching window's size.
+    let attach = |pty: &HostPty| {
+        let mut cmd = Command::new(&bin);
+        cmd.args(["attach", &id]).env("ZEROLEASE_HOME", &home);
+        pty.spawn(cmd)
+    };
+    let mut pty = HostPty::new(33, 99);
+    let before = pty.termios();
+    let mut child = attach(&pty);
+    pty.wait_for("attached to session", Duration::from_secs(20));
+    pty.type_in(b"echo A$((5*5))A; stty size; test -t 0 && echo T$((6*7))T\r");
+    pty.wait_for("A25A", Duration::from_secs(60));
+    pty.wait_for("33 99", Duration::from_secs(20));
+    pty.wait_for("T42T", Duration::from_secs(20));
+    pty.type_in(b"\r~.");
+    let status = wait_exit(&mut child, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0));
+    pty.wait_for("keeps running", Duration::from_secs(5));
+    assert!(
+        same(&pty.termios(), &before),
+        "attach left the terminal raw"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(record().state, "running", "detaching stopped the session");
+
+    // Second attach: the same shell; its exit ends the session.
+    let mut pty = HostPty::new(20, 70);
+    let mut child = attach(&pty);
+    pty.wait_for("attached to session", Duration::from_secs(20));
+    pty.type_in(b"echo B$((6*6))B; stty size\r");
+    pty.wait_for("B36B", Duration::from_secs(30));
+    pty.wait_for("20 70", Duration::from_secs(20));
+    pty.type_in(b"exit 5\r");
+    let status = wait_exit(&mut child, Duration::from_secs(60));
+    assert_eq!(status.code(), Some(0));
+    pty.wait_for("has ended", Duration::from_secs(5));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !record().is_finished() {
+        assert!(Instant::now() < deadline, "the session did not end");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(record().exit_code, Some(5));
+    w.assert_no_leftovers(&id);
+    let log = std::fs::read_to_string(home.join("sessions").join(&id).join("output.log")).unwrap();
+    assert!(log.contains("A25A") && log.contains("B36B"), "{log}");
+    assert!(!log.contains(CANARY));
+}
