@@ -265,11 +265,13 @@ async fn interrupted(interactive: bool) {
     ) else {
         return std::future::pending().await;
     };
+    // Always caught (the default action would kill us without cleanup and
+    // leave the terminal raw); in an interactive session then ignored.
     let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
         if interactive {
             std::future::pending::<()>().await;
         }
-        let _ = tokio::signal::ctrl_c().await;
     };
     tokio::select! {
         _ = ctrl_c => {}

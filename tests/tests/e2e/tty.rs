@@ -444,3 +444,60 @@ fn a_detached_session_is_attached_detached_and_ended() {
     assert!(log.contains("A25A") && log.contains("B36B"), "{log}");
     assert!(!log.contains(CANARY));
 }
+
+/// In an interactive session a SIGINT (from `kill`; the raw terminal sends
+/// none) does not end the session, SIGTERM does: cleanup runs, nothing is
+/// left, and the terminal is restored on that path too.
+#[test]
+fn sigterm_ends_an_interactive_session_and_restores_the_terminal() {
+    if !require_root_and_tools(&["ip", "nft", "qemu-system-x86_64"]) || !image_ready() {
+        return;
+    }
+    let bin = zerolease_bin();
+    let w = SessionWorld::new("exec sh -i");
+    let mut pty = HostPty::new(24, 80);
+    let before = pty.termios();
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", w.host.name()])
+        .arg(&bin)
+        .arg("run")
+        .arg(w.dir.path().join("session.yaml"))
+        .env("ZEROLEASE_HOME", w.dir.path().join("home"));
+    let mut child = pty.spawn(cmd);
+    let text = pty.wait_for("is interactive", Duration::from_secs(150));
+    let id = text
+        .split("session ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no session id in {text}"))
+        .to_owned();
+    pty.type_in(b"echo R$((40+2))Y\r");
+    pty.wait_for("R42Y", Duration::from_secs(60));
+    assert!(
+        !same(&pty.termios(), &before),
+        "the terminal is not raw during the session"
+    );
+
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    pty.type_in(b"echo S$((3+4))S\r");
+    pty.wait_for("S7S", Duration::from_secs(30));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGINT ended the session"
+    );
+
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = wait_exit(&mut child, Duration::from_secs(60));
+    assert!(
+        status.signal().is_none(),
+        "zerolease was killed: {status:?}"
+    );
+    assert_ne!(status.code(), Some(0));
+    assert!(
+        same(&pty.termios(), &before),
+        "the terminal's settings were not restored after SIGTERM"
+    );
+    w.assert_no_leftovers(&id);
+}
