@@ -9,9 +9,9 @@
 //! error, Ctrl-C, SIGTERM, or the manifest's timeout. Every state change is
 //! an audit record.
 //!
-//! Status: `run` drives a session in the foreground. `ps`, `revoke` and
-//! `destroy` from another terminal, the reaper at start-up, and the
-//! interactive TTY are not built yet (see ARCHITECTURE.md).
+//! Status: `run` drives a session in the foreground, or in the background
+//! for `--detach`; with a terminal the agent gets a pty in the guest
+//! (`tty`, `attach`), and its output is kept on disk (`log`).
 
 pub mod attach;
 pub mod log;
