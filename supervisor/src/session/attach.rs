@@ -351,11 +351,13 @@ pub fn attach(socket: &Path, hint: &str) -> Result<AttachEnd, TtyError> {
         };
         keys.clear();
         let escape = scanner.feed(&buf[..n], &mut keys);
-        if !keys.is_empty()
-            && stream
-                .write_all(&Frame::Data(keys.clone()).encode())
+        // A `~` held from the last read can make this one byte longer
+        // than a frame takes.
+        if keys.chunks(MAX_DATA).any(|chunk| {
+            stream
+                .write_all(&Frame::Data(chunk.to_vec()).encode())
                 .is_err()
-        {
+        }) {
             break AttachEnd::SessionGone;
         }
         if escape == Some(Escape::Stop) {
