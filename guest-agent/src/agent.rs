@@ -444,6 +444,60 @@ mod tests {
     }
 
     #[test]
+    fn term_comes_from_the_tty_unless_the_manifest_set_one() {
+        use zerolease_protocol::{PlainEnvVar, ProxySettings, SecretEnvVar, SecretString, TtySpec};
+        let spec = |tty: Option<&str>, plain: &[(&str, &str)], secret: &[&str]| Provision {
+            env: secret
+                .iter()
+                .map(|n| SecretEnvVar {
+                    name: (*n).into(),
+                    value: SecretString::new("s".into()),
+                })
+                .collect(),
+            env_plain: plain
+                .iter()
+                .map(|(n, v)| PlainEnvVar {
+                    name: (*n).into(),
+                    value: (*v).into(),
+                })
+                .collect(),
+            files: vec![],
+            ca_certs: vec![],
+            proxy: ProxySettings::default(),
+            git_credential_hosts: vec![],
+            command: vec!["sh".into()],
+            workdir: "/home/agent".into(),
+            user: "agent".into(),
+            tty: tty.map(|t| TtySpec {
+                rows: 24,
+                cols: 80,
+                term: t.into(),
+            }),
+        };
+        let term = |p: &Provision| -> Vec<String> {
+            with_term(p)
+                .env_plain
+                .iter()
+                .filter(|v| v.name == "TERM")
+                .map(|v| v.value.clone())
+                .collect()
+        };
+        assert_eq!(term(&spec(Some("vt100"), &[], &[])), ["vt100"]);
+        assert_eq!(term(&spec(None, &[], &[])), Vec::<String>::new());
+        assert_eq!(
+            term(&spec(Some("vt100"), &[("TERM", "dumb")], &[])),
+            ["dumb"]
+        );
+        assert_eq!(
+            term(&spec(Some("vt100"), &[], &["TERM"])),
+            Vec::<String>::new()
+        );
+        with_term(&spec(Some("vt100"), &[("LANG", "C")], &[]))
+            .validate()
+            .unwrap();
+    }
+
+    #[test]
     fn git_request_ids_are_the_message_ids() {
         let request = GitRequest {
             protocol: "https".into(),

@@ -411,6 +411,17 @@ fn a_detached_session_is_attached_detached_and_ended() {
     pty.wait_for("A25A", Duration::from_secs(60));
     pty.wait_for("33 99", Duration::from_secs(20));
     pty.wait_for("T42T", Duration::from_secs(20));
+    // The attached window changes size: the guest's terminal follows.
+    pty.resize(37, 111);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        pty.type_in(b"stty size\r");
+        std::thread::sleep(Duration::from_secs(1));
+        if pty.text().contains("37 111") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no resize:\n{}", pty.text());
+    }
     pty.type_in(b"\r~.");
     let status = wait_exit(&mut child, Duration::from_secs(20));
     assert_eq!(status.code(), Some(0));
