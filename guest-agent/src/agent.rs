@@ -20,7 +20,8 @@
 //! SecretsUpdated | UpdateSecretsFailed →
 //!                                  ←  Revoke {scrub}
 //! Revoked                          →  (agent processes killed, files gone)
-//! Exited {code, signal}            →  (after all output)
+//! Exited {code, signal}            →  (after all output, and after the
+//!                                      workspace's result is on its disk)
 //!                                  ←  Shutdown  → serve returns, PID 1 powers off
 //! ```
 //!
@@ -51,6 +52,7 @@ use crate::credential::{self, CredentialAsk, GitCredential, ServerPolicy};
 use crate::provision::{self, Layout, Provisioned, paths};
 use crate::run::{self, AgentEvent, AgentIo, Reaping};
 use crate::tty;
+use crate::workspace;
 
 /// How the loop is set up.
 #[derive(Debug, Clone)]
@@ -112,6 +114,8 @@ struct State {
     pending: HashMap<u64, mpsc::Sender<Option<GitCredential>>>,
     /// The pty master of an interactive agent, for `Resize`.
     tty_master: Option<std::os::fd::OwnedFd>,
+    /// The workspace, until its result is written when the agent exits.
+    workspace: Option<workspace::Prepared>,
 }
 
 /// Says hello on the control channel, then serves the host until it says
@@ -146,6 +150,7 @@ where
         next_id: 1,
         pending: HashMap::new(),
         tty_master: None,
+        workspace: None,
     };
     let outcome = loop {
         let Ok(event) = rx.recv() else {
@@ -162,6 +167,9 @@ where
                 .map(|()| None),
             Event::Agent(AgentEvent::Exited { code, signal }) => {
                 state.agent_running = false;
+                if let Some(ws) = state.workspace.take() {
+                    collect_workspace(&ws, &config.proc_root);
+                }
                 writer
                     .write_message(&GuestMessage::Exited { code, signal })
                     .map(|()| None)
@@ -236,8 +244,9 @@ fn on_host<W: Write>(
                 return Ok(None);
             }
             match start(&spec, config, tx) {
-                Ok((done, pid, master)) => {
+                Ok((done, pid, ws, master)) => {
                     state.provisioned = Some(done);
+                    state.workspace = ws;
                     state.tty_master = master;
                     state.agent_running = true;
                     writer.write_message(&GuestMessage::Provisioned {})?;
@@ -335,7 +344,15 @@ fn start(
     spec: &Provision,
     config: &AgentConfig,
     tx: &mpsc::SyncSender<Event>,
-) -> Result<(Provisioned, u32, Option<std::os::fd::OwnedFd>), String> {
+) -> Result<
+    (
+        Provisioned,
+        u32,
+        Option<workspace::Prepared>,
+        Option<std::os::fd::OwnedFd>,
+    ),
+    String,
+> {
     let spec = &with_term(spec);
     let done = provision::provision(&config.layout, spec, &config.helper_command)
         .map_err(|err| reason(&err))?;
@@ -357,6 +374,13 @@ fn start(
             ask_tx.send(Event::Credential(ask)).is_ok()
         });
     });
+    let ws = match &spec.workspace {
+        Some(ws) => Some(
+            workspace::prepare(&config.layout, ws, &done.user)
+                .map_err(|err| undo(format!("workspace: {}", reason(&err))))?,
+        ),
+        None => None,
+    };
     let workdir = config.layout.host_path(&spec.workdir);
     if !workdir.exists() {
         std::fs::create_dir_all(&workdir)
@@ -390,7 +414,20 @@ fn start(
         },
     )
     .map_err(|err| undo(reason(&err)))?;
-    Ok((done, pid, master))
+    Ok((done, pid, ws, master))
+}
+
+/// After the agent's exit, before `Exited`: stops whatever the agent left
+/// running (so nothing changes the tree meanwhile), then writes the
+/// workspace's result to the out disk. Failures are in the result's header
+/// for the host; the console gets them too.
+fn collect_workspace(ws: &workspace::Prepared, proc_root: &std::path::Path) {
+    if let Err(err) = run::kill_user(ws.uid, proc_root) {
+        log(&format!("workspace: {}", chain(&err)));
+    }
+    if let Err(err) = workspace::finish(ws) {
+        log(&format!("workspace: {}", chain(&err)));
+    }
 }
 
 /// `spec` with `TERM` from its `tty` added to the plain environment, unless
@@ -468,6 +505,7 @@ mod tests {
             command: vec!["sh".into()],
             workdir: "/home/agent".into(),
             user: "agent".into(),
+            workspace: None,
             tty: tty.map(|t| TtySpec {
                 rows: 24,
                 cols: 80,

@@ -36,6 +36,7 @@ pub mod provision;
 pub mod run;
 pub mod tty;
 pub mod virtio;
+pub mod workspace;
 
 /// An error and its causes on one line (`what: because: because`), for the
 /// console, which is all the guest has to report with before the host

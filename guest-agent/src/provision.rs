@@ -616,6 +616,7 @@ mod tests {
             command: vec!["true".into()],
             workdir: "/home/agent".into(),
             user: "agent".into(),
+            workspace: None,
             tty: None,
         }
     }

@@ -299,10 +299,24 @@ fn wait(mut child: Child, reaping: Reaping) -> ExitStatus {
     }
 }
 
-/// Reaps orphans forever (PID 1, after the agent's exit was reported).
+/// Held by whoever spawns and waits for a child of PID 1 after the agent
+/// exited (the workspace's git commands), so [`reap_orphans_forever`] does
+/// not reap it first and lose its exit status.
+pub static REAPER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Reaps orphans forever (PID 1, after the agent's exit was reported),
+/// polling so that it can stand aside while [`REAPER`] is held.
 pub fn reap_orphans_forever() {
+    use nix::sys::wait::WaitPidFlag;
     loop {
-        match waitpid(None, None) {
+        let reaped = {
+            let _turn = REAPER
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            waitpid(None, Some(WaitPidFlag::WNOHANG))
+        };
+        match reaped {
+            Ok(WaitStatus::StillAlive) => std::thread::sleep(Duration::from_millis(100)),
             Ok(_) | Err(Errno::EINTR) => {}
             Err(_) => std::thread::sleep(Duration::from_millis(200)),
         }

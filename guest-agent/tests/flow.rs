@@ -129,6 +129,7 @@ fn provision(command: &[&str]) -> Provision {
         command: command.iter().map(|s| (*s).to_owned()).collect(),
         workdir: "/home/agent/work".into(),
         user: "agent".into(),
+        workspace: None,
         tty: None,
     }
 }

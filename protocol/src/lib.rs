@@ -20,12 +20,13 @@
 pub mod frame;
 pub mod message;
 pub mod secret;
+pub mod workspace;
 
 pub use frame::{FrameError, FrameReader, FrameWriter, MAX_FRAME_LEN, ReadError, WriteError};
 pub use message::{
     CredentialOutcome, DecodeError, EncodeError, FileSpec, GuestMessage, HandshakeError,
     HostMessage, MAX_TTY_DIM, Message, OutputStream, PROTOCOL_VERSION, PlainEnvVar,
     ProtocolVersion, Provision, ProxySettings, SecretEnvVar, TtySpec, ValidationError,
-    accept_hello, answer_hello, check_tty_size, check_versions, check_welcome,
+    WorkspaceSpec, accept_hello, answer_hello, check_tty_size, check_versions, check_welcome,
 };
 pub use secret::{Bytes, SecretBytes, SecretString};

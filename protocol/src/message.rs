@@ -288,6 +288,10 @@ pub struct Provision {
     pub workdir: String,
     /// The unprivileged user to run as (never `root`).
     pub user: String,
+    /// The host's project directory, copied in on a disk, if the session has
+    /// one. Absent in older hosts' messages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<WorkspaceSpec>,
     /// Run the command on a pty in the guest, relayed over the TTY port,
     /// instead of with piped output. Absent: non-interactive.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -334,6 +338,54 @@ pub fn check_tty_size(rows: u16, cols: u16) -> Result<(), ValidationError> {
     } else {
         Err(field("tty size", "rows and cols must each be 1-4096"))
     }
+}
+
+/// Where the workspace goes and what it is based on. The contents come on the
+/// virtio-blk disk with serial [`WORKSPACE_IN_SERIAL`](crate::workspace::WORKSPACE_IN_SERIAL);
+/// the result goes to the one with serial
+/// [`WORKSPACE_OUT_SERIAL`](crate::workspace::WORKSPACE_OUT_SERIAL).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkspaceSpec {
+    /// Absolute guest directory to extract into (the agent's workdir);
+    /// without `..`, `.`, empty components or NUL, and not `/`.
+    pub path: String,
+    /// The host repository's `HEAD` commit (40 or 64 lowercase hex digits),
+    /// or `None` when the workspace is not a git repository (the guest then
+    /// creates one with a base commit of its own).
+    pub base: Option<String>,
+}
+
+impl WorkspaceSpec {
+    /// Checks the field constraints (see the field docs).
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        let path = self.path.strip_prefix('/').unwrap_or("");
+        if path.is_empty()
+            || self.path.contains('\0')
+            || path
+                .split('/')
+                .any(|part| part.is_empty() || part == "." || part == "..")
+        {
+            return Err(field(
+                "workspace.path",
+                "must be an absolute path below / without `..`, `.`, empty components or NUL",
+            ));
+        }
+        if let Some(base) = &self.base
+            && !is_commit_id(base)
+        {
+            return Err(field(
+                "workspace.base",
+                "must be a commit id: 40 or 64 lowercase hex digits",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Whether `id` is a full git object id (SHA-1 or SHA-256), lowercase hex.
+pub fn is_commit_id(id: &str) -> bool {
+    matches!(id.len(), 40 | 64) && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// A secret environment variable.
@@ -685,6 +737,9 @@ impl Provision {
                 "must be an absolute path without `..` or NUL",
             ));
         }
+        if let Some(workspace) = &self.workspace {
+            workspace.validate()?;
+        }
         if let Some(tty) = &self.tty {
             tty.validate()?;
         }
@@ -892,6 +947,10 @@ mod tests {
             command: vec!["claude".into(), "--print".into()],
             workdir: "/home/agent/work".into(),
             user: "agent".into(),
+            workspace: Some(WorkspaceSpec {
+                path: "/home/agent/work".into(),
+                base: Some("0123456789abcdef0123456789abcdef01234567".into()),
+            }),
             tty: None,
         }
     }
@@ -1026,12 +1085,70 @@ mod tests {
             ("root user", |p| p.user = "root".into()),
             ("user with slash", |p| p.user = "../x".into()),
             ("uppercase user", |p| p.user = "Agent".into()),
+            ("relative workspace", |p| ws(p).path = "work".into()),
+            ("root workspace", |p| ws(p).path = "/".into()),
+            ("dotdot workspace", |p| ws(p).path = "/home/../etc".into()),
+            ("dot workspace", |p| ws(p).path = "/home/./x".into()),
+            ("empty workspace part", |p| ws(p).path = "/home//x".into()),
+            ("trailing slash workspace", |p| {
+                ws(p).path = "/home/x/".into()
+            }),
+            ("NUL workspace", |p| ws(p).path = "/home/x\0".into()),
+            ("short base", |p| ws(p).base = Some("abc123".into())),
+            ("uppercase base", |p| {
+                ws(p).base = Some("0123456789ABCDEF0123456789ABCDEF01234567".into())
+            }),
+            ("option in base", |p| {
+                ws(p).base = Some("--upload-pack=touch-x-0123456789abcdef01".into())
+            }),
+            ("41 digit base", |p| ws(p).base = Some("0".repeat(41))),
         ];
         for (name, edit) in cases {
             let mut p = provision();
             edit(&mut p);
             assert!(p.validate().is_err(), "{name} should be rejected");
         }
+    }
+
+    fn ws(p: &mut Provision) -> &mut WorkspaceSpec {
+        p.workspace.as_mut().unwrap()
+    }
+
+    #[test]
+    fn workspace_is_optional_and_round_trips() {
+        let mut p = provision();
+        let message = HostMessage::Provision(Box::new(p.clone()));
+        let back = HostMessage::decode(&message.encode().unwrap()).unwrap();
+        assert_eq!(back, message);
+        // Without one, the field is left out, so older guests accept it.
+        p.workspace = None;
+        let bytes = HostMessage::Provision(Box::new(p.clone()))
+            .encode()
+            .unwrap();
+        assert!(!String::from_utf8_lossy(&bytes).contains("workspace"));
+        let back = HostMessage::decode(&bytes).unwrap();
+        assert_eq!(back, HostMessage::Provision(Box::new(p.clone())));
+        // A SHA-256 base and no base are fine too.
+        p.workspace = Some(WorkspaceSpec {
+            path: "/w".into(),
+            base: Some("a".repeat(64)),
+        });
+        p.validate().unwrap();
+        p.workspace = Some(WorkspaceSpec {
+            path: "/home/agent/work".into(),
+            base: None,
+        });
+        p.validate().unwrap();
+        // Unknown fields inside it are refused.
+        let text = String::from_utf8(
+            HostMessage::Provision(Box::new(p))
+                .encode()
+                .unwrap()
+                .to_vec(),
+        )
+        .unwrap()
+        .replace("\"base\":null", "\"base\":null,\"extra\":1");
+        assert!(HostMessage::decode(text.as_bytes()).is_err());
     }
 
     #[test]

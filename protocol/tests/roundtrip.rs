@@ -125,6 +125,7 @@ fn provision() -> impl Strategy<Value = Provision> {
                     command,
                     workdir: format!("/{workdir}"),
                     user,
+                    workspace: None,
                     tty: None,
                 }
             },
@@ -345,6 +346,7 @@ fn nasty_secrets_round_trip_byte_exact() {
             command: vec!["sh".into()],
             workdir: "/home/agent".into(),
             user: "agent".into(),
+            workspace: None,
             tty: None,
         }));
         let back = through_frames(std::slice::from_ref(&message));
@@ -393,6 +395,7 @@ fn debug_never_shows_the_canary() {
         command: vec!["claude".into()],
         workdir: "/home/agent".into(),
         user: "agent".into(),
+        workspace: None,
         tty: None,
     };
     let messages = [

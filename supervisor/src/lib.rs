@@ -7,6 +7,7 @@
 
 pub mod cli;
 pub mod clock;
+pub mod doctor;
 pub mod domain;
 pub mod home;
 pub mod image;

@@ -50,6 +50,33 @@ pub struct Background<'a> {
     pub images: Option<PathBuf>,
     pub hello_timeout: &'a str,
     pub command: Vec<String>,
+    /// More `run` options passed on as they are (see [`forwarded`]).
+    pub extra: Vec<std::ffi::OsString>,
+}
+
+/// The `run` options the background session needs as well: `--timeout`,
+/// `--workspace`, `--report`, `--quiet`. (`--ci` does not combine with
+/// `--detach`.) Relative paths stay valid: the child keeps the cwd.
+pub fn forwarded(
+    timeout: Option<&str>,
+    workspace: Option<&Path>,
+    report: Option<&Path>,
+    quiet: bool,
+) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = Vec::new();
+    if let Some(t) = timeout {
+        args.extend(["--timeout".into(), t.into()]);
+    }
+    if let Some(w) = workspace {
+        args.extend(["--workspace".into(), w.into()]);
+    }
+    if let Some(r) = report {
+        args.extend(["--report".into(), r.into()]);
+    }
+    if quiet {
+        args.push("--quiet".into());
+    }
+    args
 }
 
 /// How often the starter looks at the background session's record.
@@ -79,6 +106,7 @@ pub fn start(
     if let Some(images) = &args.images {
         cmd.arg("--images").arg(images);
     }
+    cmd.args(&args.extra);
     cmd.arg(args.manifest);
     if !args.command.is_empty() {
         cmd.arg("--").args(&args.command);

@@ -6,9 +6,13 @@
 //! `lease access` on stdout.
 
 mod detach;
+mod doctor;
 mod image_cmd;
+mod leases;
 mod logs;
 mod output;
+mod sessions;
+mod workspace;
 
 use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
@@ -85,15 +89,31 @@ enum Command {
     /// Validate session manifests.
     #[command(subcommand)]
     Manifest(ManifestCmd),
-    /// List sessions: state, image, age, leases with time left.
+    /// List sessions: state, image, age, leases with time left, open
+    /// tunnels, bytes, blocked attempts.
     Ps {
         /// Include finished sessions.
         #[arg(long)]
         all: bool,
     },
+    /// Show one session in full: its record, leases, live numbers while it
+    /// runs, and its report once it has finished.
+    Inspect { session: String },
     /// Revoke every lease of a running session: its tunnels close at once
     /// and the agent is offline; the VM stays.
     Revoke { session: String },
+    /// Extend a running session's leases, within their grants' maximum,
+    /// without restarting anything. Exits 3 if any lease was refused.
+    Renew {
+        session: String,
+        /// Only the lease of this secret (default: all of the session's).
+        #[arg(long, value_name = "NAME")]
+        credential: Option<String>,
+        /// The new lifetime from now (default: the manifest's ttl, or the
+        /// grant's maximum); never past the grant's maximum.
+        #[arg(long)]
+        ttl: Option<String>,
+    },
     /// Revoke and tear a session down: QEMU, tap, nftables table, runtime
     /// directory. Works on a session whose `zerolease run` died, too.
     Destroy { session: String },
@@ -106,6 +126,20 @@ enum Command {
         /// Keep printing new output until the session ends.
         #[arg(short, long)]
         follow: bool,
+    },
+    /// Check that this host can run sessions (QEMU, KVM, nftables, tun,
+    /// privileges, the address pool, the image) and say how to fix each
+    /// problem. Exits 1 when something stops sessions.
+    Doctor {
+        /// Where images live (default: images/out, or ZEROLEASE_IMAGES).
+        #[arg(long, env = "ZEROLEASE_IMAGES")]
+        images: Option<PathBuf>,
+        /// The image to verify, whose kernel the KVM probe boots.
+        #[arg(long, default_value = "minimal")]
+        image: String,
+        /// How long the KVM probe may take.
+        #[arg(long, default_value = "20s")]
+        kvm_timeout: String,
     },
     /// Run a session: boot a disposable VM from the manifest's image, lease
     /// its credentials, run the agent, tear everything down. Exits with the
@@ -127,14 +161,59 @@ enum Command {
         no_tty: bool,
         /// Start the session in the background, print its id once it runs,
         /// and exit; join it with `zerolease attach`.
-        #[arg(long, conflicts_with = "no_tty")]
+        #[arg(long, conflicts_with_all = ["no_tty", "ci"])]
         detach: bool,
         /// Internal: the background half of `--detach`.
         #[arg(long, hide = true)]
         detached_child: bool,
+        /// Show no progress and no report on stderr.
+        #[arg(long, short)]
+        quiet: bool,
+        /// Write the end-of-session report as JSON to FILE (with --ci the
+        /// default is ./zerolease-report.json).
+        #[arg(long, value_name = "FILE")]
+        report: Option<PathBuf>,
+        /// CI mode: never prompts and never attaches a terminal, plain
+        /// progress lines, a hard timeout, the JSON report written to a
+        /// file; exits with the agent's exit code.
+        #[arg(long)]
+        ci: bool,
+        /// Hard limit on the whole session (`10m`); default: the manifest's
+        /// `timeout`.
+        #[arg(long)]
+        timeout: Option<String>,
+        /// Copy this directory into the VM as the agent's working directory
+        /// (replaces the manifest's `workspace`).
+        #[arg(long, value_name = "DIR")]
+        workspace: Option<PathBuf>,
         /// Run this instead of the manifest's command.
         #[arg(last = true)]
         command: Vec<String>,
+    },
+    /// Show the changes a session's agent made to its workspace (the patch;
+    /// control characters are escaped on a terminal).
+    Diff {
+        session: String,
+        /// A summary per file instead of the patch.
+        #[arg(long)]
+        stat: bool,
+    },
+    /// Apply a session's workspace changes to the directory it copied (or
+    /// --to DIR) with git apply. Changes to symlinks, submodules or `.git/`
+    /// and paths leaving the tree are refused.
+    Apply {
+        session: String,
+        /// Apply here instead of the session's workspace.
+        #[arg(long, value_name = "DIR")]
+        to: Option<PathBuf>,
+        /// Apply the safe changes and skip (and list) the refused ones,
+        /// instead of refusing the whole patch.
+        #[arg(long)]
+        skip_unsafe: bool,
+        /// Let symlinks through whose targets stay in the tree (relative,
+        /// not into `.git`, not through another symlink).
+        #[arg(long)]
+        allow_symlinks: bool,
     },
 }
 
@@ -171,7 +250,9 @@ enum SecretCmd {
     Ls,
     /// Remove a secret, its grants, and revoke its leases.
     Rm { name: String },
-    /// Replace a secret's value; the new value is read from stdin.
+    /// Replace a secret's value; the new value is read from stdin. Running
+    /// sessions holding a lease of it get the new value in their env file
+    /// and files.
     Rotate {
         name: String,
         #[arg(long)]
@@ -356,10 +437,41 @@ pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitCode> {
     if let Command::Attach { session } = &cli.command {
         return detach::attach(cli.home.clone(), session).map(Into::into);
     }
+    if let Command::Doctor {
+        images,
+        image,
+        kvm_timeout,
+    } = cli.command
+    {
+        let bound = parse_duration(&kvm_timeout)
+            .map_err(|e| anyhow::anyhow!("--kvm-timeout {kvm_timeout:?}: {e}"))?;
+        return doctor::run(cli.home, images, image, bound, cli.json).map(Into::into);
+    }
+    // Neither needs the vault.
+    match &cli.command {
+        Command::Diff { session, stat } => {
+            let home = StateDir::resolve(cli.home.clone())?;
+            return workspace::diff(&home, session, *stat, cli.json).map(Into::into);
+        }
+        Command::Apply {
+            session,
+            to,
+            skip_unsafe,
+            allow_symlinks,
+        } => {
+            let home = StateDir::resolve(cli.home.clone())?;
+            let options = crate::session::workspace::ApplyOptions {
+                skip_unsafe: *skip_unsafe,
+                allow_symlinks: *allow_symlinks,
+            };
+            return workspace::apply(&home, session, to.clone(), options, cli.json).map(Into::into);
+        }
+        _ => {}
+    }
     let mut vault = open_vault(&cli, env_keys)?;
     let j = cli.json;
     let status = match cli.command {
-        Command::Secret(cmd) => secret(&vault, cmd, j),
+        Command::Secret(cmd) => secret(&vault, cmd, cli.home.clone(), j),
         Command::Policy(cmd) => policy(&vault, cmd, j),
         Command::Lease(cmd) => lease(&vault, cmd, j),
         Command::Audit(cmd) => audit(&vault, cmd, j),
@@ -369,7 +481,14 @@ pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitCode> {
         Command::Image(cmd) => image_cmd::run(&cmd, j),
         Command::Logs { session, follow } => logs::run(cli.home.clone(), &session, follow),
         Command::Attach { session } => detach::attach(cli.home.clone(), &session),
-        Command::Ps { all } => sessions_ps(&vault, cli.home.clone(), all, j),
+        Command::Doctor { .. } => unreachable!("handled before the vault is opened"),
+        Command::Ps { all } => sessions::ps(&vault, cli.home.clone(), all, j),
+        Command::Inspect { session } => sessions::inspect(&vault, cli.home.clone(), &session, j),
+        Command::Renew {
+            session,
+            credential,
+            ttl,
+        } => leases::renew(&vault, cli.home.clone(), &session, credential, ttl, j),
         Command::Revoke { session } => session_control(
             &vault,
             cli.home.clone(),
@@ -392,8 +511,14 @@ pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitCode> {
             no_tty,
             detach,
             detached_child,
+            quiet,
+            report,
+            ci,
+            timeout,
+            workspace,
             command,
         } => {
+            let show = sessions::Presentation { quiet, ci, report };
             if detach {
                 return detach::start(
                     &vault,
@@ -404,13 +529,19 @@ pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitCode> {
                         images,
                         hello_timeout: &hello_timeout,
                         command,
+                        extra: detach::forwarded(
+                            timeout.as_deref(),
+                            workspace.as_deref(),
+                            show.report.as_deref(),
+                            show.quiet,
+                        ),
                     },
                     j,
                 );
             }
             let tty = if detached_child {
                 TtyChoice::Detached
-            } else if no_tty {
+            } else if no_tty || ci {
                 TtyChoice::Never
             } else {
                 TtyChoice::Auto
@@ -422,10 +553,33 @@ pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitCode> {
                 agent,
                 images,
                 &hello_timeout,
+                timeout.as_deref(),
+                &show,
+                workspace,
                 tty,
                 command,
             );
         }
+        // Handled above without opening the vault; the same calls here keep
+        // the match exhaustive.
+        Command::Diff { session, stat } => {
+            workspace::diff(&StateDir::resolve(cli.home.clone())?, &session, stat, j)
+        }
+        Command::Apply {
+            session,
+            to,
+            skip_unsafe,
+            allow_symlinks,
+        } => workspace::apply(
+            &StateDir::resolve(cli.home.clone())?,
+            &session,
+            to,
+            crate::session::workspace::ApplyOptions {
+                skip_unsafe,
+                allow_symlinks,
+            },
+            j,
+        ),
         Command::Key(KeyCmd::Rotate { to }) => {
             let kind = vault.rotate_key(to)?;
             if j {
@@ -492,7 +646,12 @@ fn read_value(name: &str, keep_newline: bool) -> anyhow::Result<SecretValue> {
     Ok(SecretValue::new(buf))
 }
 
-fn secret(vault: &Vault, cmd: SecretCmd, j: bool) -> anyhow::Result<ExitStatus> {
+fn secret(
+    vault: &Vault,
+    cmd: SecretCmd,
+    home: Option<PathBuf>,
+    j: bool,
+) -> anyhow::Result<ExitStatus> {
     match cmd {
         SecretCmd::Add {
             name,
@@ -563,10 +722,14 @@ fn secret(vault: &Vault, cmd: SecretCmd, j: bool) -> anyhow::Result<ExitStatus> 
         SecretCmd::Rotate { name, keep_newline } => {
             let value = read_value(&name, keep_newline)?;
             let info = vault.rotate_secret(&name, value)?;
+            let pushed = leases::push_rotation(vault, home, &name);
             if j {
-                json(&info)?;
+                let mut out = serde_json::to_value(&info)?;
+                out["sessions"] = serde_json::to_value(&pushed)?;
+                json(&out)?;
             } else {
                 println!("secret `{}` is now version {}", info.name, info.version);
+                leases::print_pushed(&name, &pushed);
             }
         }
     }
@@ -917,16 +1080,28 @@ fn run_session(
     agent: Option<String>,
     images: Option<PathBuf>,
     hello_timeout: &str,
+    timeout: Option<&str>,
+    show: &sessions::Presentation,
+    workspace: Option<PathBuf>,
     tty: TtyChoice,
     command: Vec<String>,
 ) -> anyhow::Result<ExitCode> {
-    let manifest = Manifest::load(manifest_path).map_err(|e| VaultError::Invalid(e.to_string()))?;
+    let mut manifest =
+        Manifest::load(manifest_path).map_err(|e| VaultError::Invalid(e.to_string()))?;
+    if let Some(t) = timeout {
+        manifest.timeout =
+            parse_duration(t).map_err(|e| VaultError::Invalid(format!("--timeout: {e}")))?;
+    }
+    if let Some(path) = show.report_path() {
+        sessions::check_report_path(&path)?;
+    }
     let config = crate::session::RunConfig {
         home: StateDir::resolve(home)?,
         images,
         agent,
         command: (!command.is_empty()).then_some(command),
         hello_bound: parse_duration(hello_timeout).map_err(VaultError::Invalid)?,
+        workspace,
         tty: match tty {
             TtyChoice::Auto => crate::session::tty::wants_tty(false)
                 .then(crate::session::tty::spec_for_this_terminal),
@@ -948,14 +1123,19 @@ fn run_session(
         .build()
         .context("cannot start the async runtime")?;
     let vault = Arc::new(vault);
-    let outcome = runtime.block_on(async {
+    let progress = show.progress();
+    let finished = runtime.block_on(async {
         let mut out = std::io::stdout();
         let mut err = std::io::stderr();
-        crate::session::run(vault, manifest, config, &mut out, &mut err).await
+        crate::session::run_reported(vault, manifest, config, progress, &mut out, &mut err).await
     });
     // Let the proxy's tasks and audit writer finish before exiting.
     runtime.shutdown_timeout(std::time::Duration::from_secs(5));
-    match outcome {
+    show.finish(
+        finished.report.as_ref(),
+        finished.result.as_ref().err().map(ToString::to_string),
+    )?;
+    match finished.result {
         Ok(o) => {
             let code = match (o.code, o.signal) {
                 (Some(c), _) => c,
@@ -976,83 +1156,6 @@ fn run_session(
             Ok(ExitStatus::SessionFailed.into())
         }
     }
-}
-
-fn sessions_ps(
-    vault: &Vault,
-    home: Option<PathBuf>,
-    all: bool,
-    j: bool,
-) -> anyhow::Result<ExitStatus> {
-    use crate::session::record::SessionRecord;
-    let home = StateDir::resolve(home)?;
-    let now = vault.now();
-    let mut rows = Vec::new();
-    for r in SessionRecord::all(&home) {
-        let alive = r.supervisor_alive();
-        let state = if !r.is_finished() && !alive {
-            "orphaned".to_owned()
-        } else {
-            r.state.clone()
-        };
-        if !all && r.is_finished() {
-            continue;
-        }
-        let leases = vault.list_leases(LeaseFilter {
-            session: Some(r.id.clone()),
-            include_inactive: false,
-        })?;
-        rows.push((r, state, leases));
-    }
-    if j {
-        let out: Vec<_> = rows
-            .iter()
-            .map(|(r, state, leases)| {
-                serde_json::json!({
-                    "id": r.id,
-                    "name": r.name,
-                    "state": state,
-                    "image": r.image,
-                    "started": r.started,
-                    "age_seconds": r.started.until(now).as_secs(),
-                    "exit_code": r.exit_code,
-                    "leases": leases.iter().map(|l| serde_json::json!({
-                        "id": l.id, "secret": l.secret, "domains": l.domains,
-                        "seconds_left": l.time_left(now).as_secs(),
-                    })).collect::<Vec<_>>(),
-                })
-            })
-            .collect();
-        json(&out)?;
-    } else {
-        let mut t = Table::new(&["SESSION", "NAME", "STATE", "IMAGE", "AGE", "LEASES"]);
-        for (r, state, leases) in &rows {
-            t.row(vec![
-                r.id.clone(),
-                r.name.clone(),
-                state.clone(),
-                r.image.clone(),
-                format_duration_short(r.started.until(now)),
-                leases
-                    .iter()
-                    .map(|l| {
-                        format!(
-                            "{} ({} left)",
-                            l.secret,
-                            format_duration_short(l.time_left(now))
-                        )
-                    })
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            ]);
-        }
-        t.print(if all {
-            "no sessions"
-        } else {
-            "no running sessions (--all shows finished ones)"
-        });
-    }
-    Ok(ExitStatus::Success)
 }
 
 fn session_control(
@@ -1118,6 +1221,7 @@ fn session_control(
             crate::session::Control::Destroy => println!(
                 "session `{session}` destroyed: leases revoked, VM, tap and nftables table gone"
             ),
+            crate::session::Control::Stats => {}
         }
     }
     Ok(ExitStatus::Success)

@@ -138,6 +138,9 @@ pub enum RegistryError {
     UnknownSession(SessionId),
     #[error("entry `{0}` has an expiry but `grant` was called outside a tokio runtime")]
     NoRuntime(EntryId),
+    /// The entry was revoked or has expired: a renewal must not bring it back.
+    #[error("entry `{0}` is no longer in force (revoked or expired)")]
+    Gone(EntryId),
 }
 
 /// Why a tunnel's entry was cut.
@@ -403,6 +406,64 @@ impl ProxyRegistry {
         drop(guard);
         shut_down(to_shut);
         Ok(())
+    }
+
+    /// Moves the expiry of entry `id` of `session` to `at` (a renewal): its
+    /// open tunnels and pending admissions stay valid and are cut at `at`
+    /// instead. The expiry only ever moves later — an earlier `at` leaves
+    /// it as it is — and an entry that was revoked, or whose expiry has
+    /// passed, is never brought back ([`RegistryError::Gone`]). Returns the
+    /// expiry in force afterwards (`None` for an entry that never expires).
+    pub fn extend_expiry(
+        &self,
+        session: &SessionId,
+        id: &EntryId,
+        at: Instant,
+    ) -> Result<Option<Instant>, RegistryError> {
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| RegistryError::NoRuntime(id.clone()))?;
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        inner.next_id += 1;
+        let generation = inner.next_id;
+        let state = inner
+            .sessions
+            .get_mut(session)
+            .ok_or_else(|| RegistryError::UnknownSession(session.clone()))?;
+        let e = state
+            .entries
+            .get_mut(id)
+            .ok_or_else(|| RegistryError::Gone(id.clone()))?;
+        let Some(old) = e.entry.expires_at else {
+            return Ok(None);
+        };
+        // Its timer may be due and waiting for this lock: it has expired.
+        if old <= Instant::now() || e.cut.is_cut() {
+            return Err(RegistryError::Gone(id.clone()));
+        }
+        if at <= old {
+            return Ok(Some(old));
+        }
+        if let Some(t) = e.timer.take() {
+            t.abort();
+        }
+        // A new generation, so an old timer that already fired is a no-op.
+        e.generation = generation;
+        e.entry = Arc::new(Entry {
+            expires_at: Some(at),
+            ..(*e.entry).clone()
+        });
+        let weak = Arc::downgrade(&self.inner);
+        let (s, i) = (session.clone(), id.clone());
+        e.timer = Some(
+            runtime
+                .spawn(async move {
+                    tokio::time::sleep_until(at).await;
+                    expire(&weak, &s, &i, generation);
+                })
+                .abort_handle(),
+        );
+        Ok(Some(at))
     }
 
     /// Revokes the entry `id` in whichever session holds it (lease ids are
@@ -813,6 +874,166 @@ mod tests {
         // Narrowing the scope is not a renewal: old tunnels are cut.
         r.grant(&sid("s"), e.with_ports(vec![8443])).unwrap();
         assert!(adm.cut.is_cut());
+    }
+
+    fn tunnel(r: &ProxyRegistry, adm: &Admission) -> TunnelGuard {
+        r.register_tunnel(
+            &sid("s"),
+            adm,
+            FrontEnd::Explicit,
+            host("a.example"),
+            addr(),
+            vec![],
+        )
+        .unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn extended_entry_survives_the_old_deadline_and_is_cut_at_the_new() {
+        let r = ProxyRegistry::new();
+        r.add_session(sid("s"));
+        let t0 = Instant::now();
+        r.grant(
+            &sid("s"),
+            Entry::lease(
+                "l",
+                "tok",
+                pats(&["a.example"]),
+                Some(t0 + Duration::from_secs(40)),
+            ),
+        )
+        .unwrap();
+        let adm = r.admit(&sid("s"), &host("a.example"), 443).unwrap();
+        let _t = tunnel(&r, &adm);
+        tokio::time::advance(Duration::from_secs(20)).await;
+        let new = t0 + Duration::from_secs(100);
+        assert_eq!(
+            r.extend_expiry(&sid("s"), &EntryId::new("l"), new),
+            Ok(Some(new))
+        );
+        // Past the old deadline: the tunnel lives and new names are admitted.
+        tokio::time::advance(Duration::from_secs(30)).await;
+        tokio::task::yield_now().await;
+        assert!(!adm.cut.is_cut(), "cut at the old deadline");
+        let later = r.admit(&sid("s"), &host("a.example"), 443).unwrap();
+        // An admission taken before the move still registers.
+        let _t2 = tunnel(&r, &later);
+        // Just before the new deadline, still alive; at it, cut as expired.
+        tokio::time::advance(Duration::from_secs(49)).await;
+        tokio::task::yield_now().await;
+        assert!(!adm.cut.is_cut());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        tokio::task::yield_now().await;
+        assert!(adm.cut.is_cut() && later.cut.is_cut());
+        assert_eq!(adm.cut.reason(), CutReason::Expired);
+        assert!(r.admit(&sid("s"), &host("a.example"), 443).is_err());
+        // Expired is gone for good: no renewal brings it back.
+        assert_eq!(
+            r.extend_expiry(&sid("s"), &EntryId::new("l"), new + Duration::from_secs(60)),
+            Err(RegistryError::Gone(EntryId::new("l")))
+        );
+        assert!(r.admit(&sid("s"), &host("a.example"), 443).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn revoke_still_cuts_at_once_after_an_extension() {
+        let r = ProxyRegistry::new();
+        r.add_session(sid("s"));
+        let t0 = Instant::now();
+        r.grant(
+            &sid("s"),
+            Entry::lease(
+                "l",
+                "tok",
+                pats(&["a.example"]),
+                Some(t0 + Duration::from_secs(40)),
+            ),
+        )
+        .unwrap();
+        let adm = r.admit(&sid("s"), &host("a.example"), 443).unwrap();
+        let _t = tunnel(&r, &adm);
+        r.extend_expiry(&sid("s"), &EntryId::new("l"), t0 + Duration::from_secs(400))
+            .unwrap();
+        assert_eq!(r.revoke_lease(&EntryId::new("l")), 1);
+        assert!(adm.cut.is_cut());
+        assert_eq!(adm.cut.reason(), CutReason::Revoked);
+        // A revoked entry cannot be renewed back into force.
+        assert_eq!(
+            r.extend_expiry(&sid("s"), &EntryId::new("l"), t0 + Duration::from_secs(800)),
+            Err(RegistryError::Gone(EntryId::new("l")))
+        );
+        assert!(r.admit(&sid("s"), &host("a.example"), 443).is_err());
+        // Nor does the timer of the extension fire on anything later.
+        tokio::time::advance(Duration::from_secs(500)).await;
+        tokio::task::yield_now().await;
+        assert!(r.snapshot(&sid("s")).unwrap().entries.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn extension_never_shortens_and_needs_a_known_entry() {
+        let r = ProxyRegistry::new();
+        r.add_session(sid("s"));
+        let t0 = Instant::now();
+        let at = t0 + Duration::from_secs(60);
+        r.grant(
+            &sid("s"),
+            Entry::lease("l", "tok", pats(&["a.example"]), Some(at)),
+        )
+        .unwrap();
+        r.grant(&sid("s"), Entry::allow("open", pats(&["b.example"])))
+            .unwrap();
+        let id = EntryId::new("l");
+        // Earlier or equal: unchanged, and the original timer still fires.
+        assert_eq!(
+            r.extend_expiry(&sid("s"), &id, t0 + Duration::from_secs(10)),
+            Ok(Some(at))
+        );
+        assert_eq!(r.extend_expiry(&sid("s"), &id, at), Ok(Some(at)));
+        // An entry without expiry stays without.
+        assert_eq!(
+            r.extend_expiry(&sid("s"), &EntryId::new("open"), at),
+            Ok(None)
+        );
+        // Unknown entry, unknown session.
+        assert_eq!(
+            r.extend_expiry(&sid("s"), &EntryId::new("nope"), at),
+            Err(RegistryError::Gone(EntryId::new("nope")))
+        );
+        assert_eq!(
+            r.extend_expiry(&sid("x"), &id, at),
+            Err(RegistryError::UnknownSession(sid("x")))
+        );
+        // Another session's entry of the same id is not touched.
+        r.add_session(sid("t"));
+        assert_eq!(
+            r.extend_expiry(&sid("t"), &id, at + Duration::from_secs(1)),
+            Err(RegistryError::Gone(id.clone()))
+        );
+        tokio::time::advance(Duration::from_secs(60)).await;
+        tokio::task::yield_now().await;
+        assert!(r.admit(&sid("s"), &host("a.example"), 443).is_err());
+        // A due entry whose timer has not run yet counts as expired.
+        let due = Instant::now() + Duration::from_secs(5);
+        r.grant(
+            &sid("s"),
+            Entry::lease("m", "tok", pats(&["c.example"]), Some(due)),
+        )
+        .unwrap();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(
+            r.extend_expiry(&sid("s"), &EntryId::new("m"), due + Duration::from_secs(60)),
+            Err(RegistryError::Gone(EntryId::new("m")))
+        );
+    }
+
+    #[test]
+    fn extension_outside_a_runtime_is_an_error() {
+        let r = ProxyRegistry::new();
+        r.add_session(sid("s"));
+        assert_eq!(
+            r.extend_expiry(&sid("s"), &EntryId::new("l"), Instant::now()),
+            Err(RegistryError::NoRuntime(EntryId::new("l")))
+        );
     }
 
     #[test]

@@ -428,6 +428,13 @@ mod tests {
 
         // Output with nobody attached goes to the log only.
         guest.write_all(b"early ").await.unwrap();
+        let log_path = dir.path().join("out.log");
+        for _ in 0..100 {
+            if std::fs::read(&log_path).unwrap() == b"early " {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let mut client = tokio::net::UnixStream::connect(&attach_path).await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
         guest.write_all(b"late").await.unwrap();

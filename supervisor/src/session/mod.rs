@@ -14,10 +14,15 @@
 //! (`tty`, `attach`), and its output is kept on disk (`log`).
 
 pub mod attach;
+pub mod leases;
 pub mod log;
+pub mod progress;
 mod provision;
 pub mod record;
+pub mod report;
+pub mod stats;
 pub mod tty;
+pub mod workspace;
 
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -69,6 +74,8 @@ pub struct RunConfig {
     pub command: Option<Vec<String>>,
     /// Bound on the guest's hello, per accelerator tried.
     pub hello_bound: Duration,
+    /// Copied into the VM; replaces the manifest's `workspace`.
+    pub workspace: Option<PathBuf>,
     /// Attach this process's terminal to the agent through a pty in the
     /// guest (see `tty`); `None` runs it with piped output.
     pub tty: Option<zerolease_protocol::TtySpec>,
@@ -133,6 +140,8 @@ pub enum SessionError {
     Interrupted(&'static str),
     #[error("the session was destroyed by `zerolease destroy`")]
     Destroyed,
+    #[error(transparent)]
+    Workspace(#[from] workspace::WorkspaceError),
     #[error("the session was stopped from its terminal (~.)")]
     Escaped,
     #[error(transparent)]
@@ -140,13 +149,16 @@ pub enum SessionError {
 }
 
 /// What another `zerolease` process may ask of a running session over its
-/// control socket.
+/// control socket, as one word on a line. Lease requests (`renew`, a
+/// rotated secret) are JSON lines, parsed by [`leases::Request`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Control {
     /// Revoke every lease: tunnels are cut, the agent is offline, the VM stays.
     Revoke,
     /// Revoke and tear everything down.
     Destroy,
+    /// Answer one JSON line of live numbers ([`stats::LiveStats`]).
+    Stats,
 }
 
 impl Control {
@@ -154,6 +166,7 @@ impl Control {
         match line.trim() {
             "revoke" => Some(Control::Revoke),
             "destroy" => Some(Control::Destroy),
+            "stats" => Some(Control::Stats),
             _ => None,
         }
     }
@@ -162,6 +175,7 @@ impl Control {
         match self {
             Control::Revoke => "revoke",
             Control::Destroy => "destroy",
+            Control::Stats => "stats",
         }
     }
 }
@@ -176,6 +190,7 @@ struct Held {
     proxy: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
     registry: Option<ProxyRegistry>,
     runtime_dir: Option<PathBuf>,
+    progress: progress::Progress,
     /// The agent's output on disk (opened once the session has an id).
     log: log::SessionLog,
 }
@@ -218,7 +233,34 @@ pub async fn run(
     stdout: &mut (dyn Write + Send),
     stderr: &mut (dyn Write + Send),
 ) -> Result<RunOutcome, SessionError> {
-    let mut held = Held::default();
+    let quiet = progress::Progress::default();
+    run_reported(vault, manifest, config, quiet, stdout, stderr)
+        .await
+        .result
+}
+
+/// A finished run: how it ended and its report (`None` only when it failed
+/// before it had a session id, e.g. on the image check).
+#[derive(Debug)]
+pub struct Finished {
+    pub result: Result<RunOutcome, SessionError>,
+    pub report: Option<report::SessionReport>,
+}
+
+/// [`run`], showing each start-up phase on `progress`, and building,
+/// storing and returning the end-of-session report.
+pub async fn run_reported(
+    vault: Arc<Vault>,
+    manifest: Manifest,
+    config: RunConfig,
+    progress: progress::Progress,
+    stdout: &mut (dyn Write + Send),
+    stderr: &mut (dyn Write + Send),
+) -> Finished {
+    let mut held = Held {
+        progress,
+        ..Held::default()
+    };
     let timeout = manifest.timeout;
     let result = {
         let (mut out, mut err) = (
@@ -238,7 +280,10 @@ pub async fn run(
             _ = interrupted(config.tty.is_some()) => Err(SessionError::Interrupted("signal")),
         }
     };
+    held.progress.end(report::ran_through(&result));
+    held.progress.phase(progress::Phase::Cleanup);
     cleanup(&vault, &mut held).await;
+    held.progress.end(true);
     let (state, detail) = match &result {
         Ok(o) => (
             "destroyed",
@@ -251,7 +296,8 @@ pub async fn run(
     let code = result.as_ref().ok().and_then(|o| o.code);
     held.save(|r| r.exit_code = code);
     held.transition(&vault, state, detail);
-    result
+    let report = report::finish(&vault, &held, &result).await;
+    Finished { result, report }
 }
 
 /// SIGTERM, SIGHUP (the terminal went away) and, unless the session is
@@ -321,7 +367,12 @@ async fn drive(
     stdout: &mut (dyn Write + Send),
     stderr: &mut (dyn Write + Send),
 ) -> Result<RunOutcome, SessionError> {
+    held.progress.phase(progress::Phase::ImageCheck);
     let image: VerifiedImage = image::verify_named(&manifest.image, config.images.as_deref())?;
+    let ws = workspace::for_session(manifest, config.workspace.as_deref())?;
+    if let Some(w) = &ws {
+        workspace::announce(w, stderr);
+    }
     let id = JailId::parse(&crate::vault::crypto::random_hex(5).map_err(VaultError::from)?)?;
     let session = id.as_str().to_owned();
     held.session = Some(session.clone());
@@ -339,6 +390,7 @@ async fn drive(
             jail: None,
             qemu_pid: None,
             exit_code: None,
+            workspace: ws.as_ref().map(|w| w.root.clone()),
         },
     ));
     if let Err(e) = held.log.open(&config.home, &session) {
@@ -351,6 +403,7 @@ async fn drive(
     );
 
     // Leases first: if policy says no, nothing else is built.
+    held.progress.phase(progress::Phase::Leases);
     let agent = config
         .agent
         .clone()
@@ -376,6 +429,7 @@ async fn drive(
     }
 
     held.transition(vault, "booting", "jail, proxy, VM".into());
+    held.progress.phase(progress::Phase::Jail);
     let jail = Jail::create(JailConfig {
         id: id.clone(),
         link: Link::Tap {
@@ -395,9 +449,18 @@ async fn drive(
     held.save(|r| r.jail = Some(jail_record));
     held.jail = Some(jail);
 
+    held.progress.phase(progress::Phase::Proxy);
     let registry = start_proxy(vault, manifest, &session, &leases, host, held).await?;
+    // Renews `renew: auto` leases until this function returns.
+    let _auto_renew = leases::AutoRenewer::spawn(
+        vault.clone(),
+        registry.clone(),
+        session.clone(),
+        leases::auto_jobs(manifest, &leases),
+    );
     held.registry = Some(registry);
 
+    held.progress.phase(progress::Phase::VmSetup);
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -408,6 +471,10 @@ async fn drive(
         })?;
     held.runtime_dir = Some(runtime_dir.clone());
     let control = control_listener(&record::control_socket(&runtime_dir))?;
+    let disks = match &ws {
+        Some(w) => Some(workspace::write_disks_off_runtime(w, &runtime_dir).await?),
+        None => None,
+    };
 
     let tap = jail::tap::open_tap(&link)?;
     let spec = VmSpec {
@@ -421,6 +488,10 @@ async fn drive(
             initrd: Some(image.initramfs.clone()),
         }),
         disk: None,
+        raw_disks: disks
+            .as_ref()
+            .map(workspace::Disks::raw_disks)
+            .unwrap_or_default(),
         net: Some(NetSpec {
             fd: 3,
             mac: Mac::for_session(&id),
@@ -435,12 +506,14 @@ async fn drive(
         crate::manifest::Accel::Kvm => crate::vm::watchdog::Accel::Kvm,
         crate::manifest::Accel::Tcg => crate::vm::watchdog::Accel::Tcg,
     };
+    held.progress.phase(progress::Phase::Boot);
     let booted =
         crate::vm::watchdog::boot(qemu, spec, Some(tap), accel, config.hello_bound).await?;
     let qemu_pid = booted.vm.pid();
     held.save(|r| r.qemu_pid = Some(qemu_pid));
     held.vm = Some(booted.vm);
     let (mut from_guest, mut channel) = booted.hello.channel.into_split();
+    held.progress.phase(progress::Phase::Provisioning);
     held.transition(
         vault,
         "provisioning",
@@ -456,6 +529,9 @@ async fn drive(
         .unwrap_or_else(|| manifest.command.clone());
     let proxy_url = format!("http://{host}:{}", PORTS.connect);
     let mut provision = provision::build(vault, manifest, &leases, command, &proxy_url)?;
+    if let Some(w) = &ws {
+        workspace::provision(&mut provision, w, manifest);
+    }
     provision.tty = config.tty.clone();
     // The terminal is joined before the agent starts, so its first output
     // and the user's first keys are not lost.
@@ -516,6 +592,9 @@ async fn drive(
         relay.drain_and_stop().await;
     }
     let outcome = served?;
+    if let Some(disks) = &disks {
+        workspace::finish(disks, &config.home, &session, stderr);
+    }
     let _ = send(&mut channel, &HostMessage::Shutdown {}).await;
     held.transition(
         vault,
@@ -672,6 +751,7 @@ async fn serve(
     stderr: &mut (dyn Write + Send),
 ) -> Result<RunOutcome, SessionError> {
     let session = held.session.clone().unwrap_or_default();
+    let mut pending = leases::PendingUpdates::default();
     loop {
         let msg = tokio::select! {
             Some(event) = tty.recv() => match event {
@@ -690,8 +770,9 @@ async fn serve(
                 let Ok((stream, _)) = c else { continue };
                 let (read, mut write) = stream.into_split();
                 let mut line = String::new();
-                let mut lines = tokio::io::BufReader::new(read.take(64));
-                let _ = lines.read_line(&mut line).await;
+                let mut lines = tokio::io::BufReader::new(read.take(leases::MAX_REQUEST_LEN as u64));
+                // A client that never writes must not stall the session.
+                let _ = tokio::time::timeout(Duration::from_secs(5), lines.read_line(&mut line)).await;
                 match Control::parse(&line) {
                     Some(Control::Revoke) => {
                         let revoked = vault.revoke(RevokeScope::Session(session.clone()));
@@ -706,8 +787,13 @@ async fn serve(
                         let _ = write.write_all(b"ok\n").await;
                         return Err(SessionError::Destroyed);
                     }
+                    Some(Control::Stats) => {
+                        let _ = write.write_all(stats::answer(vault, held).await.as_bytes()).await;
+                    }
                     None => {
-                        let _ = write.write_all(b"error: unknown command\n").await;
+                        let registry = held.registry.as_ref();
+                        let ctx = leases::Ctx { vault, manifest, leases, registry, session: &session };
+                        leases::on_line(&ctx, &line, channel, &mut pending, write).await?;
                     }
                 }
                 continue;
@@ -715,6 +801,7 @@ async fn serve(
         };
         match msg {
             GuestMessage::Provisioned {} => {
+                held.progress.phase(progress::Phase::Agent);
                 let revoked = held
                     .record
                     .as_ref()
@@ -725,12 +812,9 @@ async fn serve(
             GuestMessage::ProvisionFailed { reason } => {
                 return Err(SessionError::Provision(reason));
             }
-            GuestMessage::Started { .. }
-            | GuestMessage::SecretsUpdated {}
-            | GuestMessage::Revoked {} => {}
-            GuestMessage::UpdateSecretsFailed { reason } => {
-                tracing::warn!("the guest could not update secrets: {reason}");
-            }
+            GuestMessage::Started { .. } | GuestMessage::Revoked {} => {}
+            GuestMessage::SecretsUpdated {} => pending.answer(Ok(())),
+            GuestMessage::UpdateSecretsFailed { reason } => pending.answer(Err(reason)),
             GuestMessage::Output { stream, data } => {
                 let out: &mut (dyn Write + Send) = match stream {
                     OutputStream::Stdout => stdout,

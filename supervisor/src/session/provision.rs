@@ -19,6 +19,14 @@ use crate::domain::{DomainPattern, scope_matches};
 use crate::manifest::{Inject, Manifest, SECRET_PLACEHOLDER};
 use crate::vault::{Lease, Vault};
 
+/// The secret-bearing part of a provisioning: env variables, files, and the
+/// hosts the git credential helper serves.
+pub(super) struct Injected {
+    pub(super) env: Vec<SecretEnvVar>,
+    pub(super) files: Vec<FileSpec>,
+    pub(super) git_hosts: Vec<String>,
+}
+
 pub(super) fn build(
     vault: &Arc<Vault>,
     manifest: &Manifest,
@@ -26,6 +34,55 @@ pub(super) fn build(
     command: Vec<String>,
     proxy_url: &str,
 ) -> Result<Provision, SessionError> {
+    let Injected {
+        env,
+        files,
+        git_hosts,
+    } = injected(vault, manifest, leases)?;
+    let mut ca_certs = Vec::new();
+    for path in &manifest.ca_certs {
+        let pem = std::fs::read_to_string(path).map_err(|e| {
+            SessionError::Provision(format!(
+                "cannot read CA certificate {}: {e}",
+                path.display()
+            ))
+        })?;
+        ca_certs.push(pem);
+    }
+    Ok(Provision {
+        env,
+        env_plain: manifest
+            .env
+            .iter()
+            .map(|(k, v)| PlainEnvVar {
+                name: k.clone(),
+                value: v.clone(),
+            })
+            .collect(),
+        files,
+        ca_certs,
+        proxy: ProxySettings {
+            http_proxy: Some(proxy_url.to_owned()),
+            https_proxy: Some(proxy_url.to_owned()),
+            no_proxy: Vec::new(),
+        },
+        git_credential_hosts: git_hosts,
+        command,
+        workdir: manifest.workdir.clone(),
+        user: manifest.user.clone(),
+        workspace: None,
+        tty: None,
+    })
+}
+
+/// The env variables and files of `leases`' credentials, with the values
+/// the vault holds now (each an audited, counted access), and their git
+/// hosts. Used to provision, and again to push a rotated secret.
+pub(super) fn injected(
+    vault: &Arc<Vault>,
+    manifest: &Manifest,
+    leases: &[(usize, Lease)],
+) -> Result<Injected, SessionError> {
     let mut env = Vec::new();
     let mut files = Vec::new();
     let mut git_hosts = Vec::new();
@@ -79,38 +136,10 @@ pub(super) fn build(
             }
         }
     }
-    let mut ca_certs = Vec::new();
-    for path in &manifest.ca_certs {
-        let pem = std::fs::read_to_string(path).map_err(|e| {
-            SessionError::Provision(format!(
-                "cannot read CA certificate {}: {e}",
-                path.display()
-            ))
-        })?;
-        ca_certs.push(pem);
-    }
-    Ok(Provision {
+    Ok(Injected {
         env,
-        env_plain: manifest
-            .env
-            .iter()
-            .map(|(k, v)| PlainEnvVar {
-                name: k.clone(),
-                value: v.clone(),
-            })
-            .collect(),
         files,
-        ca_certs,
-        proxy: ProxySettings {
-            http_proxy: Some(proxy_url.to_owned()),
-            https_proxy: Some(proxy_url.to_owned()),
-            no_proxy: Vec::new(),
-        },
-        git_credential_hosts: git_hosts,
-        command,
-        workdir: manifest.workdir.clone(),
-        user: manifest.user.clone(),
-        tty: None,
+        git_hosts,
     })
 }
 

@@ -29,6 +29,10 @@ pub struct SessionRecord {
     /// QEMU's pid, once it runs.
     pub qemu_pid: Option<u32>,
     pub exit_code: Option<i32>,
+    /// The host directory copied in as the workspace (where `zerolease
+    /// apply` applies the changes by default).
+    #[serde(default)]
+    pub workspace: Option<PathBuf>,
 }
 
 pub fn sessions_dir(home: &StateDir) -> PathBuf {

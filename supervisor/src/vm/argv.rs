@@ -153,10 +153,22 @@ pub struct VmSpec {
     pub boot: Option<DirectBoot>,
     /// A qcow2 disk (the session's overlay), attached as virtio-blk.
     pub disk: Option<PathBuf>,
+    /// Raw disks (the workspace's in and out disks), attached as virtio-blk
+    /// with a serial the guest finds them by in `/sys/block/*/serial`.
+    pub raw_disks: Vec<RawDisk>,
     /// Sessions always have a network; `None` gives the guest no NIC.
     pub net: Option<NetSpec>,
     /// The session's private runtime directory: sockets and logs go here.
     pub runtime_dir: PathBuf,
+}
+
+/// A raw image file attached as a virtio-blk disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawDisk {
+    pub path: PathBuf,
+    /// 1 to 20 bytes of `[A-Za-z0-9_-]` (virtio-blk's serial limit).
+    pub serial: String,
+    pub read_only: bool,
 }
 
 pub const MAX_VCPUS: u16 = 64;
@@ -179,6 +191,8 @@ pub enum ArgvError {
     BadFd(i32),
     #[error("the microvm machine has no PCI bus; use q35 for virtio-pci devices")]
     MicrovmNeedsMmio,
+    #[error("the disk serial `{0}` must be 1 to 20 characters of [A-Za-z0-9_-]")]
+    BadSerial(String),
 }
 
 /// The kernel command line for a session.
@@ -234,6 +248,28 @@ pub fn build_argv(spec: &VmSpec) -> Result<Vec<OsString>, ArgvError> {
             &format!("file={disk},format=qcow2,if=none,id=d0,discard=unmap"),
         ]);
         push(&["-device", "virtio-blk-pci,drive=d0"]);
+    }
+
+    for (i, raw) in spec.raw_disks.iter().enumerate() {
+        let path = option_path(&raw.path)?;
+        let serial = &raw.serial;
+        if serial.is_empty()
+            || serial.len() > 20
+            || !serial
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(ArgvError::BadSerial(serial.clone()));
+        }
+        let ro = if raw.read_only { "on" } else { "off" };
+        push(&[
+            "-drive",
+            &format!("file={path},format=raw,if=none,id=r{i},readonly={ro}"),
+        ]);
+        push(&[
+            "-device",
+            &format!("virtio-blk-pci,drive=r{i},serial={serial}"),
+        ]);
     }
 
     if let Some(net) = &spec.net {
@@ -306,6 +342,7 @@ mod tests {
                 initrd: Some("/img/initrd.img".into()),
             }),
             disk: None,
+            raw_disks: Vec::new(),
             net: Some(NetSpec {
                 fd: 3,
                 mac: Mac([0x52, 0x54, 0, 1, 2, 3]),
@@ -372,6 +409,58 @@ mod tests {
             "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         ];
         assert_eq!(strings(&argv), expected);
+    }
+
+    #[test]
+    fn raw_disks_carry_serials_and_read_only() {
+        let mut s = spec();
+        s.raw_disks = vec![
+            RawDisk {
+                path: "/run/zl/abc123/workspace.tar".into(),
+                serial: "zl-ws-in".into(),
+                read_only: true,
+            },
+            RawDisk {
+                path: "/run/zl/abc123/workspace-out.img".into(),
+                serial: "zl-ws-out".into(),
+                read_only: false,
+            },
+        ];
+        let argv = build_argv(&s).unwrap();
+        let argv = strings(&argv);
+        let text = argv.join(" ");
+        assert!(
+            text.contains(
+                "-drive file=/run/zl/abc123/workspace.tar,format=raw,if=none,id=r0,readonly=on \
+             -device virtio-blk-pci,drive=r0,serial=zl-ws-in"
+            ),
+            "{text}"
+        );
+        assert!(text.contains(
+            "-drive file=/run/zl/abc123/workspace-out.img,format=raw,if=none,id=r1,readonly=off \
+             -device virtio-blk-pci,drive=r1,serial=zl-ws-out"
+        ), "{text}");
+        // Serials and paths cannot inject options.
+        for bad in ["", "a,b", "x=1", "a b", "123456789012345678901", "é"] {
+            let mut s = spec();
+            s.raw_disks = vec![RawDisk {
+                path: "/d".into(),
+                serial: bad.into(),
+                read_only: true,
+            }];
+            assert_eq!(
+                build_argv(&s),
+                Err(ArgvError::BadSerial(bad.into())),
+                "{bad:?}"
+            );
+        }
+        let mut s = spec();
+        s.raw_disks = vec![RawDisk {
+            path: "/d,readonly=off".into(),
+            serial: "zl-ws-in".into(),
+            read_only: true,
+        }];
+        assert!(matches!(build_argv(&s), Err(ArgvError::BadPath(_))));
     }
 
     /// Returns the value following `flag` (first occurrence).

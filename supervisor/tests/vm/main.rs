@@ -56,6 +56,7 @@ fn spec(session: &str, dir: &Path) -> VmSpec {
         memory_mib: 128,
         boot: None,
         disk: None,
+        raw_disks: Vec::new(),
         net: None,
         runtime_dir: dir.to_owned(),
     }

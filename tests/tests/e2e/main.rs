@@ -3,8 +3,11 @@
 //! root; under `CI=true` a missing privilege or tool fails the test.
 
 mod jail;
+mod lease;
 mod proxy;
+mod report;
 mod session;
 mod tap;
 mod tty;
+mod workspace;
 mod world;

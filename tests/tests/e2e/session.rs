@@ -232,6 +232,7 @@ impl SessionWorld {
             agent: None,
             command: None,
             hello_bound: Duration::from_secs(120),
+            workspace: None,
             tty: None,
             detached: false,
         }
@@ -572,6 +573,7 @@ fn a_dead_supervisors_session_is_reaped() {
         jail: Some(jail),
         qemu_pid: None,
         exit_code: None,
+        workspace: None,
     }
     .save(&home)
     .unwrap();

@@ -1,0 +1,11 @@
+//! The guest's workspace result: the out disk's header and the patch that
+//! `zerolease diff`/`apply` check. The properties live in
+//! `zerolease::session::workspace::check_result_properties`, so `cargo
+//! test` runs them too (as a proptest).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    zerolease::session::workspace::check_result_properties(data);
+});
