@@ -50,7 +50,8 @@ use zerolease_protocol::{
 use crate::AGENT_VERSION;
 use crate::credential::{self, CredentialAsk, GitCredential, ServerPolicy};
 use crate::provision::{self, Layout, Provisioned, paths};
-use crate::run::{self, AgentEvent, Reaping};
+use crate::run::{self, AgentEvent, AgentIo, Reaping};
+use crate::tty;
 use crate::workspace;
 
 /// How the loop is set up.
@@ -66,6 +67,8 @@ pub struct AgentConfig {
     pub credential_timeout: Duration,
     /// Whether to reap every child (PID 1) or only the agent.
     pub reaping: Reaping,
+    /// Where the TTY port is, for interactive agents.
+    pub tty_port: tty::PortLookup,
 }
 
 /// Why the loop stopped without error.
@@ -109,6 +112,8 @@ struct State {
     revoked: bool,
     next_id: u64,
     pending: HashMap<u64, mpsc::Sender<Option<GitCredential>>>,
+    /// The pty master of an interactive agent, for `Resize`.
+    tty_master: Option<std::os::fd::OwnedFd>,
     /// The workspace, until its result is written when the agent exits.
     workspace: Option<workspace::Prepared>,
 }
@@ -144,6 +149,7 @@ where
         revoked: false,
         next_id: 1,
         pending: HashMap::new(),
+        tty_master: None,
         workspace: None,
     };
     let outcome = loop {
@@ -238,9 +244,10 @@ fn on_host<W: Write>(
                 return Ok(None);
             }
             match start(&spec, config, tx) {
-                Ok((done, pid, ws)) => {
+                Ok((done, pid, ws, master)) => {
                     state.provisioned = Some(done);
                     state.workspace = ws;
+                    state.tty_master = master;
                     state.agent_running = true;
                     writer.write_message(&GuestMessage::Provisioned {})?;
                     writer.write_message(&GuestMessage::Started { pid })?;
@@ -301,6 +308,14 @@ fn on_host<W: Write>(
             writer.write_message(&GuestMessage::Revoked {})?;
         }
         HostMessage::Shutdown {} => return Ok(Some(Outcome::Shutdown)),
+        HostMessage::Resize { rows, cols } => match &state.tty_master {
+            Some(master) => {
+                if let Err(err) = tty::set_size(std::os::fd::AsFd::as_fd(master), rows, cols) {
+                    log(&format!("cannot resize the terminal: {err}"));
+                }
+            }
+            None => log("ignoring a resize: the agent has no terminal"),
+        },
     }
     Ok(None)
 }
@@ -323,12 +338,22 @@ fn on_credential<W: Write>(
 }
 
 /// Provisions and starts the agent; on failure, the reason for
-/// `ProvisionFailed` (nothing is left written).
+/// `ProvisionFailed` (nothing is left written). Returns the pty master too
+/// when the agent is interactive.
 fn start(
     spec: &Provision,
     config: &AgentConfig,
     tx: &mpsc::SyncSender<Event>,
-) -> Result<(Provisioned, u32, Option<workspace::Prepared>), String> {
+) -> Result<
+    (
+        Provisioned,
+        u32,
+        Option<workspace::Prepared>,
+        Option<std::os::fd::OwnedFd>,
+    ),
+    String,
+> {
+    let spec = &with_term(spec);
     let done = provision::provision(&config.layout, spec, &config.helper_command)
         .map_err(|err| reason(&err))?;
     let undo = |why: String| {
@@ -364,19 +389,32 @@ fn start(
             })
             .map_err(|err| undo(format!("cannot create the workdir {}: {err}", spec.workdir)))?;
     }
+    let (io, master) = match &spec.tty {
+        None => (AgentIo::Pipes, None),
+        Some(tty_spec) => {
+            let terminal = || -> Result<_, tty::TtyError> {
+                let port = tty::open_port(&config.tty_port)?;
+                let (master, slave) = tty::open_pty(tty_spec, done.user.uid, done.user.gid)?;
+                let drained = tty::start_relay(&master, port)?;
+                Ok((AgentIo::Pty { slave, drained }, Some(master)))
+            };
+            terminal().map_err(|err| undo(reason(&err)))?
+        }
+    };
     let agent_tx = tx.clone();
-    let pid = run::spawn(
+    let pid = run::spawn_io(
         &spec.command,
         &done.env,
         &done.user,
         &workdir,
         config.reaping,
+        io,
         move |event| {
             let _ = agent_tx.send(Event::Agent(event));
         },
     )
     .map_err(|err| undo(reason(&err)))?;
-    Ok((done, pid, ws))
+    Ok((done, pid, ws, master))
 }
 
 /// After the agent's exit, before `Exited`: stops whatever the agent left
@@ -390,6 +428,22 @@ fn collect_workspace(ws: &workspace::Prepared, proc_root: &std::path::Path) {
     if let Err(err) = workspace::finish(ws) {
         log(&format!("workspace: {}", chain(&err)));
     }
+}
+
+/// `spec` with `TERM` from its `tty` added to the plain environment, unless
+/// the manifest set one.
+fn with_term(spec: &Provision) -> Provision {
+    let mut spec = spec.clone();
+    if let Some(tty) = &spec.tty
+        && !spec.env_plain.iter().any(|v| v.name == "TERM")
+        && !spec.env.iter().any(|v| v.name == "TERM")
+    {
+        spec.env_plain.push(zerolease_protocol::PlainEnvVar {
+            name: "TERM".to_owned(),
+            value: tty.term.clone(),
+        });
+    }
+    spec
 }
 
 /// An error and its causes as one line, for the host (no control
@@ -424,6 +478,61 @@ mod tests {
         let long = std::io::Error::other("é".repeat(2000));
         let text = reason(&long);
         assert!(text.len() <= 1024 && text.starts_with('é'));
+    }
+
+    #[test]
+    fn term_comes_from_the_tty_unless_the_manifest_set_one() {
+        use zerolease_protocol::{PlainEnvVar, ProxySettings, SecretEnvVar, SecretString, TtySpec};
+        let spec = |tty: Option<&str>, plain: &[(&str, &str)], secret: &[&str]| Provision {
+            env: secret
+                .iter()
+                .map(|n| SecretEnvVar {
+                    name: (*n).into(),
+                    value: SecretString::new("s".into()),
+                })
+                .collect(),
+            env_plain: plain
+                .iter()
+                .map(|(n, v)| PlainEnvVar {
+                    name: (*n).into(),
+                    value: (*v).into(),
+                })
+                .collect(),
+            files: vec![],
+            ca_certs: vec![],
+            proxy: ProxySettings::default(),
+            git_credential_hosts: vec![],
+            command: vec!["sh".into()],
+            workdir: "/home/agent".into(),
+            user: "agent".into(),
+            workspace: None,
+            tty: tty.map(|t| TtySpec {
+                rows: 24,
+                cols: 80,
+                term: t.into(),
+            }),
+        };
+        let term = |p: &Provision| -> Vec<String> {
+            with_term(p)
+                .env_plain
+                .iter()
+                .filter(|v| v.name == "TERM")
+                .map(|v| v.value.clone())
+                .collect()
+        };
+        assert_eq!(term(&spec(Some("vt100"), &[], &[])), ["vt100"]);
+        assert_eq!(term(&spec(None, &[], &[])), Vec::<String>::new());
+        assert_eq!(
+            term(&spec(Some("vt100"), &[("TERM", "dumb")], &[])),
+            ["dumb"]
+        );
+        assert_eq!(
+            term(&spec(Some("vt100"), &[], &["TERM"])),
+            Vec::<String>::new()
+        );
+        with_term(&spec(Some("vt100"), &[("LANG", "C")], &[]))
+            .validate()
+            .unwrap();
     }
 
     #[test]

@@ -513,6 +513,7 @@ pub fn pid1_main() -> ! {
                 helper_command,
                 credential_timeout: Duration::from_secs(30),
                 reaping: Reaping::All,
+                tty_port: crate::tty::lookup_under(root),
             };
             let outcome = port
                 .try_clone()

@@ -37,6 +37,7 @@ pub mod passwd;
 pub mod provision;
 pub mod rootdisk;
 pub mod run;
+pub mod tty;
 pub mod virtio;
 pub mod workspace;
 
@@ -102,7 +103,7 @@ mod tests {
     fn version_line_names_both_versions() {
         assert_eq!(
             version_line(),
-            format!("zerolease-guest {AGENT_VERSION} (protocol 1.0)")
+            format!("zerolease-guest {AGENT_VERSION} (protocol 1.1)")
         );
     }
 

@@ -617,6 +617,7 @@ mod tests {
             workdir: "/home/agent".into(),
             user: "agent".into(),
             workspace: None,
+            tty: None,
         }
     }
 

@@ -78,6 +78,25 @@ pub enum SpawnError {
     },
 }
 
+/// How the agent's standard streams are connected.
+#[derive(Debug)]
+pub enum AgentIo {
+    /// stdin is `/dev/null`; stdout and stderr are pipes whose chunks
+    /// arrive as [`AgentEvent::Output`]. The command gets its own process
+    /// group.
+    Pipes,
+    /// stdin, stdout and stderr are the pty `slave`, which becomes the
+    /// controlling terminal of a new session (`setsid` + `TIOCSCTTY`). The
+    /// output is relayed elsewhere ([`crate::tty`]); `drained` says when it
+    /// is all out, so `Exited` follows it.
+    Pty {
+        /// The pty's slave side.
+        slave: std::os::fd::OwnedFd,
+        /// Signalled once the relay has sent the last output.
+        drained: mpsc::Receiver<()>,
+    },
+}
+
 /// Starts `command` as `user` in `workdir` (a path on this machine) with
 /// exactly `env`; output and the exit status arrive through `sink`, in
 /// order. Returns the agent's pid.
@@ -89,31 +108,64 @@ pub fn spawn(
     reaping: Reaping,
     sink: impl Fn(AgentEvent) + Send + Sync + Clone + 'static,
 ) -> Result<u32, SpawnError> {
+    spawn_io(command, env, user, workdir, reaping, AgentIo::Pipes, sink)
+}
+
+/// Like [`spawn`], with the standard streams connected as `io` says.
+pub fn spawn_io(
+    command: &[String],
+    env: &AgentEnv,
+    user: &User,
+    workdir: &Path,
+    reaping: Reaping,
+    io: AgentIo,
+    sink: impl Fn(AgentEvent) + Send + Sync + Clone + 'static,
+) -> Result<u32, SpawnError> {
     let (program, args) = command.split_first().ok_or(SpawnError::EmptyCommand)?;
-    let mut cmd = Command::new(program);
-    cmd.args(args)
-        .env_clear()
-        .envs(env.vars().iter().map(|v| (v.name(), v.value())))
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
     let spawn_err = |source| SpawnError::Spawn {
         program: program.clone(),
         workdir: workdir.display().to_string(),
         source,
     };
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .env_clear()
+        .envs(env.vars().iter().map(|v| (v.name(), v.value())));
+    let pty_drained = match io {
+        AgentIo::Pipes => {
+            cmd.process_group(0)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            None
+        }
+        AgentIo::Pty { slave, drained } => {
+            // No process_group(0) here: a group leader cannot setsid.
+            cmd.stdin(Stdio::from(slave.try_clone().map_err(spawn_err)?))
+                .stdout(Stdio::from(slave.try_clone().map_err(spawn_err)?))
+                .stderr(Stdio::from(slave));
+            Some(drained)
+        }
+    };
+    let new_session = pty_drained.is_some();
     let workdir_c = std::ffi::CString::new(workdir.as_os_str().as_encoded_bytes())
         .map_err(|_| spawn_err(io::Error::from(io::ErrorKind::InvalidInput)))?;
     let (uid, gid) = (user.uid, user.gid);
     // SAFETY: the closure runs in the forked child before exec. It only
-    // makes async-signal-safe system calls (getuid, setgroups, setgid,
-    // setuid, chdir) on integers and a C string built before the fork; it
-    // allocates nothing and takes no locks.
+    // makes async-signal-safe system calls (setsid, ioctl, getuid,
+    // setgroups, setgid, setuid, chdir) on integers and a C string built
+    // before the fork; it allocates nothing and takes no locks.
     unsafe {
-        cmd.pre_exec(move || drop_privileges(uid, gid, &workdir_c));
+        cmd.pre_exec(move || {
+            if new_session {
+                take_terminal()?;
+            }
+            drop_privileges(uid, gid, &workdir_c)
+        });
     }
     let mut child = cmd.spawn().map_err(spawn_err)?;
+    // Our copies of the pty slave must go, or the master never reads EIO.
+    drop(cmd);
     let pid = child.id();
     let (drained_tx, drained_rx) = mpsc::channel();
     let readers = [
@@ -136,6 +188,14 @@ pub fn spawn(
             let _ = drained.send(());
         });
     }
+    if let Some(pty) = pty_drained {
+        pipes += 1;
+        let drained = drained_tx.clone();
+        std::thread::spawn(move || {
+            let _ = pty.recv();
+            let _ = drained.send(());
+        });
+    }
     drop(drained_tx);
     std::thread::spawn(move || {
         let status = wait(child, reaping);
@@ -153,6 +213,23 @@ pub fn spawn(
         }
     });
     Ok(pid)
+}
+
+/// Runs in the child between fork and exec, before dropping privileges:
+/// a new session whose controlling terminal is stdin (the pty slave).
+fn take_terminal() -> io::Result<()> {
+    use nix::libc;
+    // SAFETY: plain system calls with integer arguments; stdin is the pty
+    // slave, dup2'd there by `Command` before this runs.
+    unsafe {
+        if libc::setsid() < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if libc::ioctl(0, libc::TIOCSCTTY, 0) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Runs in the child between fork and exec; see [`spawn`]'s SAFETY note.

@@ -74,6 +74,7 @@ fn start(uid: u32) -> Guest {
         helper_command: "/init credential".into(),
         credential_timeout: Duration::from_secs(10),
         reaping: Reaping::AgentOnly,
+        tty_port: zerolease_guest::tty::lookup_under(dir.path()),
     };
     let agent = std::thread::spawn(move || {
         let reader = guest_end.try_clone().unwrap();
@@ -129,6 +130,7 @@ fn provision(command: &[&str]) -> Provision {
         workdir: "/home/agent/work".into(),
         user: "agent".into(),
         workspace: None,
+        tty: None,
     }
 }
 
@@ -454,6 +456,7 @@ fn handshake_with(
         helper_command: "/init credential".into(),
         credential_timeout: Duration::from_secs(1),
         reaping: Reaping::AgentOnly,
+        tty_port: zerolease_guest::tty::lookup_under(dir.path()),
     };
     let agent = std::thread::spawn(move || {
         let reader = guest_end.try_clone().unwrap();
@@ -524,4 +527,88 @@ fn handshake_outcomes() {
         handshake_with(b"garbage", &[]),
         Err(AgentError::NoWelcome(_))
     ));
+}
+
+#[test]
+fn an_interactive_agent_runs_on_a_pty_relayed_over_the_tty_port() {
+    use nix::sys::termios::{self, SetArg};
+    use std::io::Read;
+    use std::sync::{Arc, Mutex};
+    if !need_root() {
+        return;
+    }
+    let mut guest = start(61_237);
+    // The TTY port: a raw pty pair; the guest finds its slave by the port
+    // name under the temp root's sysfs, as `/dev/vport9p1`.
+    let port = nix::pty::openpty(None, None).unwrap();
+    let mut raw = termios::tcgetattr(&port.slave).unwrap();
+    termios::cfmakeraw(&mut raw);
+    termios::tcsetattr(&port.slave, SetArg::TCSANOW, &raw).unwrap();
+    let slave_path = nix::unistd::ttyname(&port.slave).unwrap();
+    let root = guest._dir.path().to_owned();
+    let class = root.join("sys/class/virtio-ports/vport9p1");
+    std::fs::create_dir_all(&class).unwrap();
+    std::fs::write(class.join("name"), "org.zerolease.tty\n").unwrap();
+    std::fs::create_dir_all(root.join("dev")).unwrap();
+    std::os::unix::fs::symlink(&slave_path, root.join("dev/vport9p1")).unwrap();
+    let mut host = std::fs::File::from(port.master);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let mut reader = host.try_clone().unwrap();
+    let sink = seen.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+    let wait_for = |needle: &str| {
+        for _ in 0..200 {
+            let text = String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+            if text.contains(needle) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "no {needle:?} on the tty port; it shows:\n{}",
+            String::from_utf8_lossy(&seen.lock().unwrap())
+        );
+    };
+
+    let mut spec = provision(&[
+        "sh",
+        "-c",
+        "tty; test -t 0 && echo T$((6*7))T; stty size; echo TERM=$TERM.; \
+         read x; stty size; echo got-$x; exit 3",
+    ]);
+    spec.tty = Some(zerolease_protocol::TtySpec {
+        rows: 30,
+        cols: 90,
+        term: "vt100".into(),
+    });
+    guest.send(HostMessage::Provision(Box::new(spec)));
+    assert!(matches!(guest.recv(), GuestMessage::Provisioned {}));
+    assert!(matches!(guest.recv(), GuestMessage::Started { .. }));
+    wait_for("/dev/pts/");
+    wait_for("T42T");
+    wait_for("30 90");
+    wait_for("TERM=vt100.");
+
+    guest.send(HostMessage::Resize {
+        rows: 50,
+        cols: 132,
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    host.write_all(b"hello\r").unwrap();
+    wait_for("got-hello");
+    wait_for("50 132");
+    // Nothing came as `Output`: the terminal has its own port.
+    match guest.recv() {
+        GuestMessage::Exited { code, signal } => assert_eq!((code, signal), (Some(3), None)),
+        other => panic!("expected exited, got {other:?}"),
+    }
+    guest.finish();
 }

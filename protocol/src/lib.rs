@@ -25,8 +25,8 @@ pub mod workspace;
 pub use frame::{FrameError, FrameReader, FrameWriter, MAX_FRAME_LEN, ReadError, WriteError};
 pub use message::{
     CredentialOutcome, DecodeError, EncodeError, FileSpec, GuestMessage, HandshakeError,
-    HostMessage, Message, OutputStream, PROTOCOL_VERSION, PlainEnvVar, ProtocolVersion, Provision,
-    ProxySettings, SecretEnvVar, ValidationError, WorkspaceSpec, accept_hello, answer_hello,
-    check_versions, check_welcome,
+    HostMessage, MAX_TTY_DIM, Message, OutputStream, PROTOCOL_VERSION, PlainEnvVar,
+    ProtocolVersion, Provision, ProxySettings, SecretEnvVar, TtySpec, ValidationError,
+    WorkspaceSpec, accept_hello, answer_hello, check_tty_size, check_versions, check_welcome,
 };
 pub use secret::{Bytes, SecretBytes, SecretString};

@@ -25,6 +25,7 @@
 //! Output                 →        (any number)
 //!                        ←  UpdateSecrets → SecretsUpdated | UpdateSecretsFailed
 //!                        ←  Revoke        → Revoked
+//!                        ←  Resize        (interactive sessions, any time)
 //! Exited                 →
 //!                        ←  Shutdown
 //! ```
@@ -50,8 +51,8 @@ pub struct ProtocolVersion {
     pub minor: u16,
 }
 
-/// The version this crate speaks.
-pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 0 };
+/// The version this crate speaks. 1.1 added `Provision.tty` and `Resize`.
+pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 1 };
 
 impl ProtocolVersion {
     /// Whether a peer speaking `peer` can talk to us.
@@ -254,6 +255,14 @@ pub enum HostMessage {
     },
     /// Power off the guest.
     Shutdown {},
+    /// The user's terminal changed size; legal after `Provision` with a
+    /// `tty`, ignored otherwise.
+    Resize {
+        /// Rows, `1..=MAX_TTY_DIM`.
+        rows: u16,
+        /// Columns, `1..=MAX_TTY_DIM`.
+        cols: u16,
+    },
 }
 
 /// What the guest needs to run the agent. Boxed in [`HostMessage`] to keep
@@ -283,6 +292,52 @@ pub struct Provision {
     /// one. Absent in older hosts' messages.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workspace: Option<WorkspaceSpec>,
+    /// Run the command on a pty in the guest, relayed over the TTY port,
+    /// instead of with piped output. Absent: non-interactive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tty: Option<TtySpec>,
+}
+
+/// The terminal an interactive agent gets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TtySpec {
+    /// Initial rows, `1..=MAX_TTY_DIM`.
+    pub rows: u16,
+    /// Initial columns, `1..=MAX_TTY_DIM`.
+    pub cols: u16,
+    /// `TERM` for the agent: 1-64 bytes of `[A-Za-z0-9._+-]`.
+    pub term: String,
+}
+
+/// The largest terminal dimension accepted (rows or columns).
+pub const MAX_TTY_DIM: u16 = 4096;
+
+impl TtySpec {
+    /// Checks the field constraints (see the field docs).
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        check_tty_size(self.rows, self.cols)?;
+        let term_ok = !self.term.is_empty()
+            && self.term.len() <= 64
+            && self
+                .term
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'+' | b'-'));
+        if term_ok {
+            Ok(())
+        } else {
+            Err(field("tty.term", "must be 1-64 bytes of [A-Za-z0-9._+-]"))
+        }
+    }
+}
+
+/// A window size is sane: both dimensions in `1..=MAX_TTY_DIM`.
+pub fn check_tty_size(rows: u16, cols: u16) -> Result<(), ValidationError> {
+    if (1..=MAX_TTY_DIM).contains(&rows) && (1..=MAX_TTY_DIM).contains(&cols) {
+        Ok(())
+    } else {
+        Err(field("tty size", "rows and cols must each be 1-4096"))
+    }
 }
 
 /// Where the workspace goes and what it is based on. The contents come on the
@@ -591,6 +646,7 @@ impl Message for HostMessage {
             Self::Welcome { .. } | Self::Revoke { .. } | Self::Shutdown {} => Ok(()),
             Self::Reject { reason } => check_text("reason", reason, MAX_REASON_LEN),
             Self::Provision(provision) => provision.validate(),
+            Self::Resize { rows, cols } => check_tty_size(*rows, *cols),
             Self::CredentialResponse { outcome, .. } => match outcome {
                 CredentialOutcome::Granted { username, password } => {
                     check_text("username", username, 256)?;
@@ -622,6 +678,7 @@ impl Message for HostMessage {
             Self::UpdateSecrets { .. } => "update_secrets",
             Self::Revoke { .. } => "revoke",
             Self::Shutdown {} => "shutdown",
+            Self::Resize { .. } => "resize",
         }
     }
 }
@@ -682,6 +739,9 @@ impl Provision {
         }
         if let Some(workspace) = &self.workspace {
             workspace.validate()?;
+        }
+        if let Some(tty) = &self.tty {
+            tty.validate()?;
         }
         check_user(&self.user)
     }
@@ -891,6 +951,74 @@ mod tests {
                 path: "/home/agent/work".into(),
                 base: Some("0123456789abcdef0123456789abcdef01234567".into()),
             }),
+            tty: None,
+        }
+    }
+
+    #[test]
+    fn tty_fields_are_validated() {
+        let tty = |rows, cols, term: &str| TtySpec {
+            rows,
+            cols,
+            term: term.into(),
+        };
+        let cases = [
+            (tty(24, 80, "xterm-256color"), true),
+            (tty(1, 1, "vt100"), true),
+            (tty(4096, 4096, "screen.xterm+new_x"), true),
+            (tty(0, 80, "xterm"), false),
+            (tty(24, 0, "xterm"), false),
+            (tty(4097, 80, "xterm"), false),
+            (tty(24, u16::MAX, "xterm"), false),
+            (tty(24, 80, ""), false),
+            (tty(24, 80, "xterm\n"), false),
+            (tty(24, 80, "xterm;rm -rf /"), false),
+            (tty(24, 80, "x term"), false),
+            (tty(24, 80, "xtérm"), false),
+            (tty(24, 80, &"x".repeat(65)), false),
+            (tty(24, 80, &"x".repeat(64)), true),
+        ];
+        for (spec, valid) in cases {
+            let mut p = provision();
+            p.tty = Some(spec.clone());
+            let message = HostMessage::Provision(Box::new(p));
+            assert_eq!(message.validate().is_ok(), valid, "{spec:?}");
+            if valid {
+                let bytes = message.encode().unwrap();
+                assert_eq!(HostMessage::decode(&bytes).unwrap(), message);
+            }
+        }
+        for (rows, cols, valid) in [
+            (24, 80, true),
+            (1, 4096, true),
+            (0, 0, false),
+            (0, 80, false),
+            (24, 4097, false),
+        ] {
+            let message = HostMessage::Resize { rows, cols };
+            assert_eq!(message.validate().is_ok(), valid, "{rows}x{cols}");
+            if valid {
+                let bytes = message.encode().unwrap();
+                assert_eq!(HostMessage::decode(&bytes).unwrap(), message);
+            }
+        }
+        // Absent means non-interactive, and is not written at all.
+        let plain = HostMessage::Provision(Box::new(provision()))
+            .encode()
+            .unwrap();
+        assert!(!std::str::from_utf8(&plain).unwrap().contains("tty"));
+        for bad in [
+            br#"{"type":"resize","rows":0,"cols":80}"#.as_slice(),
+            br#"{"type":"resize","rows":24}"#,
+            br#"{"type":"resize","rows":24,"cols":80,"x":1}"#,
+            br#"{"type":"resize","rows":-1,"cols":80}"#,
+            br#"{"type":"resize","rows":65536,"cols":80}"#,
+        ] {
+            assert!(
+                HostMessage::decode(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 

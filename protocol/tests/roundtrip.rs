@@ -126,6 +126,7 @@ fn provision() -> impl Strategy<Value = Provision> {
                     workdir: format!("/{workdir}"),
                     user,
                     workspace: None,
+                    tty: None,
                 }
             },
         )
@@ -346,6 +347,7 @@ fn nasty_secrets_round_trip_byte_exact() {
             workdir: "/home/agent".into(),
             user: "agent".into(),
             workspace: None,
+            tty: None,
         }));
         let back = through_frames(std::slice::from_ref(&message));
         let HostMessage::Provision(p) = &back[0] else {
@@ -394,6 +396,7 @@ fn debug_never_shows_the_canary() {
         workdir: "/home/agent".into(),
         user: "agent".into(),
         workspace: None,
+        tty: None,
     };
     let messages = [
         HostMessage::Provision(Box::new(provision.clone())),

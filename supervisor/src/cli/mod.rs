@@ -5,9 +5,11 @@
 //! no-echo prompt — there is no flag that takes one — and leave only through
 //! `lease access` on stdout.
 
+mod detach;
 mod doctor;
 mod image_cmd;
 mod leases;
+mod logs;
 mod output;
 mod sessions;
 mod workspace;
@@ -115,6 +117,16 @@ enum Command {
     /// Revoke and tear a session down: QEMU, tap, nftables table, runtime
     /// directory. Works on a session whose `zerolease run` died, too.
     Destroy { session: String },
+    /// Join the terminal of a session started with `run --detach`; Enter ~ .
+    /// detaches again (the session goes on).
+    Attach { session: String },
+    /// Print the agent's output of a session (the newest 8 MiB are kept).
+    Logs {
+        session: String,
+        /// Keep printing new output until the session ends.
+        #[arg(short, long)]
+        follow: bool,
+    },
     /// Check that this host can run sessions (QEMU, KVM, nftables, tun,
     /// privileges, the address pool, the image) and say how to fix each
     /// problem. Exits 1 when something stops sessions.
@@ -143,6 +155,17 @@ enum Command {
         /// How long to wait for the guest agent's hello, per accelerator.
         #[arg(long, default_value = "90s")]
         hello_timeout: String,
+        /// Never attach the terminal, even when stdin and stdout are one:
+        /// the agent's output is piped and it gets no input.
+        #[arg(long)]
+        no_tty: bool,
+        /// Start the session in the background, print its id once it runs,
+        /// and exit; join it with `zerolease attach`.
+        #[arg(long, conflicts_with_all = ["no_tty", "ci"])]
+        detach: bool,
+        /// Internal: the background half of `--detach`.
+        #[arg(long, hide = true)]
+        detached_child: bool,
         /// Show no progress and no report on stderr.
         #[arg(long, short)]
         quiet: bool,
@@ -408,6 +431,12 @@ pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitCode> {
     if let Command::Image(cmd) = &cli.command {
         return image_cmd::run(cmd, cli.json).map(Into::into);
     }
+    if let Command::Logs { session, follow } = &cli.command {
+        return logs::run(cli.home.clone(), session, *follow).map(Into::into);
+    }
+    if let Command::Attach { session } = &cli.command {
+        return detach::attach(cli.home.clone(), session).map(Into::into);
+    }
     if let Command::Doctor {
         images,
         image,
@@ -450,6 +479,8 @@ pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitCode> {
             manifest_check(&vault, &file, agent, j)
         }
         Command::Image(cmd) => image_cmd::run(&cmd, j),
+        Command::Logs { session, follow } => logs::run(cli.home.clone(), &session, follow),
+        Command::Attach { session } => detach::attach(cli.home.clone(), &session),
         Command::Doctor { .. } => unreachable!("handled before the vault is opened"),
         Command::Ps { all } => sessions::ps(&vault, cli.home.clone(), all, j),
         Command::Inspect { session } => sessions::inspect(&vault, cli.home.clone(), &session, j),
@@ -477,6 +508,9 @@ pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitCode> {
             agent,
             images,
             hello_timeout,
+            no_tty,
+            detach,
+            detached_child,
             quiet,
             report,
             ci,
@@ -485,6 +519,33 @@ pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitCode> {
             command,
         } => {
             let show = sessions::Presentation { quiet, ci, report };
+            if detach {
+                return detach::start(
+                    &vault,
+                    cli.home.clone(),
+                    detach::Background {
+                        manifest: &manifest,
+                        agent,
+                        images,
+                        hello_timeout: &hello_timeout,
+                        command,
+                        extra: detach::forwarded(
+                            timeout.as_deref(),
+                            workspace.as_deref(),
+                            show.report.as_deref(),
+                            show.quiet,
+                        ),
+                    },
+                    j,
+                );
+            }
+            let tty = if detached_child {
+                TtyChoice::Detached
+            } else if no_tty || ci {
+                TtyChoice::Never
+            } else {
+                TtyChoice::Auto
+            };
             return run_session(
                 vault,
                 cli.home.clone(),
@@ -495,6 +556,7 @@ pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitCode> {
                 timeout.as_deref(),
                 &show,
                 workspace,
+                tty,
                 command,
             );
         }
@@ -998,6 +1060,18 @@ fn audit(vault: &Vault, cmd: AuditCmd, j: bool) -> anyhow::Result<ExitStatus> {
     }
 }
 
+/// Whether `run` joins a terminal to the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TtyChoice {
+    /// If stdin and stdout are terminals.
+    Auto,
+    /// `--no-tty`.
+    Never,
+    /// The background half of `--detach`: a pty in the guest, served on
+    /// `attach.sock`.
+    Detached,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run_session(
     vault: Vault,
@@ -1009,6 +1083,7 @@ fn run_session(
     timeout: Option<&str>,
     show: &sessions::Presentation,
     workspace: Option<PathBuf>,
+    tty: TtyChoice,
     command: Vec<String>,
 ) -> anyhow::Result<ExitCode> {
     let mut manifest =
@@ -1027,6 +1102,18 @@ fn run_session(
         command: (!command.is_empty()).then_some(command),
         hello_bound: parse_duration(hello_timeout).map_err(VaultError::Invalid)?,
         workspace,
+        tty: match tty {
+            TtyChoice::Auto => crate::session::tty::wants_tty(false)
+                .then(crate::session::tty::spec_for_this_terminal),
+            TtyChoice::Never => None,
+            // No terminal yet: `attach` sends its size when it joins.
+            TtyChoice::Detached => Some(zerolease_protocol::TtySpec {
+                rows: 24,
+                cols: 80,
+                term: crate::session::tty::term_for(std::env::var("TERM").ok().as_deref()),
+            }),
+        },
+        detached: tty == TtyChoice::Detached,
     };
     for id in crate::session::reap_orphans(&vault, &config.home) {
         eprintln!("reaped session `{id}`, left behind by a zerolease run that died");

@@ -9,16 +9,19 @@
 //! error, Ctrl-C, SIGTERM, or the manifest's timeout. Every state change is
 //! an audit record.
 //!
-//! Status: `run` drives a session in the foreground. `ps`, `revoke` and
-//! `destroy` from another terminal, the reaper at start-up, and the
-//! interactive TTY are not built yet (see ARCHITECTURE.md).
+//! Status: `run` drives a session in the foreground, or in the background
+//! for `--detach`; with a terminal the agent gets a pty in the guest
+//! (`tty`, `attach`), and its output is kept on disk (`log`).
 
+pub mod attach;
 pub mod leases;
+pub mod log;
 pub mod progress;
 mod provision;
 pub mod record;
 pub mod report;
 pub mod stats;
+pub mod tty;
 pub mod workspace;
 
 use std::io::Write;
@@ -73,6 +76,12 @@ pub struct RunConfig {
     pub hello_bound: Duration,
     /// Copied into the VM; replaces the manifest's `workspace`.
     pub workspace: Option<PathBuf>,
+    /// Attach this process's terminal to the agent through a pty in the
+    /// guest (see `tty`); `None` runs it with piped output.
+    pub tty: Option<zerolease_protocol::TtySpec>,
+    /// With `tty`: serve the terminal on `attach.sock` for `zerolease
+    /// attach` instead of this process's terminal (`run --detach`).
+    pub detached: bool,
 }
 
 /// How a session ended.
@@ -133,6 +142,10 @@ pub enum SessionError {
     Destroyed,
     #[error(transparent)]
     Workspace(#[from] workspace::WorkspaceError),
+    #[error("the session was stopped from its terminal (~.)")]
+    Escaped,
+    #[error(transparent)]
+    Tty(#[from] tty::TtyError),
 }
 
 /// What another `zerolease` process may ask of a running session over its
@@ -178,6 +191,8 @@ struct Held {
     registry: Option<ProxyRegistry>,
     runtime_dir: Option<PathBuf>,
     progress: progress::Progress,
+    /// The agent's output on disk (opened once the session has an id).
+    log: log::SessionLog,
 }
 
 fn record(vault: &Vault, session: &str, state: &str, detail: String) {
@@ -248,11 +263,21 @@ pub async fn run_reported(
     };
     let timeout = manifest.timeout;
     let result = {
-        let drive = drive(&vault, &manifest, &config, &mut held, stdout, stderr);
+        let (mut out, mut err) = (
+            log::Tee {
+                out: stdout,
+                log: held.log.clone(),
+            },
+            log::Tee {
+                out: stderr,
+                log: held.log.clone(),
+            },
+        );
+        let drive = drive(&vault, &manifest, &config, &mut held, &mut out, &mut err);
         tokio::select! {
             r = drive => r,
             _ = tokio::time::sleep(timeout) => Err(SessionError::Timeout(timeout)),
-            _ = interrupted() => Err(SessionError::Interrupted("signal")),
+            _ = interrupted(config.tty.is_some()) => Err(SessionError::Interrupted("signal")),
         }
     };
     held.progress.end(report::ran_through(&result));
@@ -265,6 +290,7 @@ pub async fn run_reported(
             format!("agent exit code {:?}, signal {:?}", o.code, o.signal),
         ),
         Err(SessionError::Destroyed) => ("destroyed", "by zerolease destroy".to_owned()),
+        Err(SessionError::Escaped) => ("destroyed", "stopped with ~. from its terminal".to_owned()),
         Err(e) => ("failed", e.to_string()),
     };
     let code = result.as_ref().ok().and_then(|o| o.code);
@@ -274,14 +300,29 @@ pub async fn run_reported(
     Finished { result, report }
 }
 
-async fn interrupted() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
+/// SIGTERM, SIGHUP (the terminal went away) and, unless the session is
+/// interactive, SIGINT. In an interactive session the terminal is raw, so
+/// Ctrl-C is a byte for the agent; a SIGINT from `kill` is ignored.
+async fn interrupted(interactive: bool) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        return std::future::pending().await;
+    };
+    // Always caught (the default action would kill us without cleanup and
+    // leave the terminal raw); in an interactive session then ignored.
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+        if interactive {
+            std::future::pending::<()>().await;
+        }
     };
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
+        _ = ctrl_c => {}
         _ = term.recv() => {}
+        _ = hup.recv() => {}
     }
 }
 
@@ -356,6 +397,9 @@ async fn drive(
             workspace: ws.as_ref().map(|w| w.root.clone()),
         },
     ));
+    if let Err(e) = held.log.open(&config.home, &session) {
+        tracing::warn!("cannot create the session's output log: {e}");
+    }
     held.transition(
         vault,
         "created",
@@ -493,6 +537,32 @@ async fn drive(
     if let Some(w) = &ws {
         workspace::provision(&mut provision, w, manifest);
     }
+    provision.tty = config.tty.clone();
+    // The terminal is joined before the agent starts, so its first output
+    // and the user's first keys are not lost.
+    let (tty_tx, mut tty_rx) = mpsc::unbounded_channel();
+    let relay = match &config.tty {
+        Some(_) => {
+            let socket = held
+                .vm
+                .as_ref()
+                .map(Vm::tty_socket)
+                .ok_or_else(|| SessionError::Setup("the VM is gone".into()))?;
+            let hint = format!(
+                "zerolease: session {session} is interactive; type Enter ~ . to stop it (~~ sends ~)"
+            );
+            let dir = held.runtime_dir.clone().unwrap_or_default();
+            Some(tty::Joined::start(
+                config.detached,
+                &socket,
+                &dir,
+                tty_tx.clone(),
+                &hint,
+                held.log.clone(),
+            )?)
+        }
+        None => None,
+    };
     send(&mut channel, &HostMessage::Provision(Box::new(provision))).await?;
 
     let (guest_tx, guest_rx) = mpsc::channel(64);
@@ -513,11 +583,19 @@ async fn drive(
         &mut channel,
         guest_rx,
         control,
+        &mut tty_rx,
         stdout,
         stderr,
     )
     .await;
     reader.abort();
+    drop(tty_tx);
+    // On an error the relay is simply dropped: stopped, terminal restored.
+    if let Some(relay) = relay
+        && served.is_ok()
+    {
+        relay.drain_and_stop().await;
+    }
     let outcome = served?;
     if let Some(disks) = &disks {
         workspace::finish(disks, &config.home, &session, stderr);
@@ -673,6 +751,7 @@ async fn serve(
     channel: &mut (impl AsyncWrite + Unpin),
     mut guest: mpsc::Receiver<Result<Option<GuestMessage>, SessionError>>,
     control: UnixListener,
+    tty: &mut mpsc::UnboundedReceiver<tty::TtyEvent>,
     stdout: &mut (dyn Write + Send),
     stderr: &mut (dyn Write + Send),
 ) -> Result<RunOutcome, SessionError> {
@@ -680,6 +759,13 @@ async fn serve(
     let mut pending = leases::PendingUpdates::default();
     loop {
         let msg = tokio::select! {
+            Some(event) = tty.recv() => match event {
+                tty::TtyEvent::Resize { rows, cols } => {
+                    send(channel, &HostMessage::Resize { rows, cols }).await?;
+                    continue;
+                }
+                tty::TtyEvent::Escape => return Err(SessionError::Escaped),
+            },
             m = guest.recv() => match m {
                 Some(Ok(Some(msg))) => msg,
                 Some(Err(e)) => return Err(e),

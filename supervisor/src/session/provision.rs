@@ -71,6 +71,7 @@ pub(super) fn build(
         workdir: manifest.workdir.clone(),
         user: manifest.user.clone(),
         workspace: None,
+        tty: None,
     })
 }
 

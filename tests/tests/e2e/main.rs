@@ -9,5 +9,6 @@ mod proxy;
 mod report;
 mod session;
 mod tap;
+mod tty;
 mod workspace;
 mod world;

@@ -239,6 +239,8 @@ impl SessionWorld {
             command: None,
             hello_bound: Duration::from_secs(120),
             workspace: None,
+            tty: None,
+            detached: false,
         }
     }
 
