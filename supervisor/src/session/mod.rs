@@ -9,9 +9,13 @@
 //! error, Ctrl-C, SIGTERM, or the manifest's timeout. Every state change is
 //! an audit record.
 //!
-//! Status: `run` drives a session in the foreground, or in the background
-//! for `--detach`; with a terminal the agent gets a pty in the guest
-//! (`tty`, `attach`), and its output is kept on disk (`log`).
+//! Layout: this file is the state machine and the message loop; the
+//! features hang off it in their own modules — `progress` (the phase clock),
+//! `provision` (what the guest gets), `leases` (renewal, `renew: auto`,
+//! rotation pushed into the guest), `workspace` (copy in, changes out),
+//! `tty` and `attach` (the user's terminal, detached sessions), `log` (the
+//! output log), `stats` (live numbers for `ps`), `report` (the end-of-session
+//! report), and `record` (the session's file, for `ps` and the reaper).
 
 pub mod attach;
 pub mod leases;
