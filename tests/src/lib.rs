@@ -421,6 +421,29 @@ pub fn block_here<Fut: Future>(fut: Fut) -> Fut::Output {
         .block_on(fut)
 }
 
+/// The `zerolease` binary of this workspace, built once per test process
+/// with `cargo build` so it is never older than the sources
+/// (`CARGO_BIN_EXE_*` exists only for a package's own tests).
+pub fn zerolease_bin() -> std::path::PathBuf {
+    static BIN: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-q", "-p", "zerolease", "--bin", "zerolease"])
+            .current_dir(&root)
+            .status()
+            .expect("cannot run cargo build for the zerolease binary");
+        assert!(status.success(), "cargo build -p zerolease failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| root.join("target"));
+        let bin = target.join("debug/zerolease");
+        assert!(bin.exists(), "{} is missing after the build", bin.display());
+        bin
+    })
+    .clone()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,11 +10,10 @@
 //!    env file and templated file, and git's credential helper serves the
 //!    new value; no output, log or reply holds either value.
 //!
-//! The binary is the one `cargo test --workspace` builds next to this test
-//! (`target/debug/zerolease`), or `ZEROLEASE_BIN`.
+//! The binary is `zerolease_tests::zerolease_bin()`: built by cargo before
+//! the first use, so never older than the sources.
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -22,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime};
 use sha2::Digest;
 use zerolease::session::record::SessionRecord;
 use zerolease::vault::{AgentPattern, AuditFilter, GrantSpec, NewSecret, SecretValue};
-use zerolease_tests::require_root_and_tools;
+use zerolease_tests::{require_root_and_tools, zerolease_bin};
 
 use crate::session::{CANARY, SessionWorld, image_ready, walk};
 
@@ -82,42 +81,9 @@ fn grant(w: &SessionWorld, secret: &str, max_secs: u64, renewable: bool) {
         .unwrap();
 }
 
-fn bin() -> PathBuf {
-    let path = std::env::var_os("ZEROLEASE_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let exe = std::env::current_exe().unwrap();
-            exe.parent().unwrap().parent().unwrap().join("zerolease")
-        });
-    assert!(
-        path.exists(),
-        "{} is missing; build it with `cargo build -p zerolease` (cargo test --workspace does)",
-        path.display()
-    );
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| warn_if_stale(&path));
-    path
-}
-
-/// A focused `cargo test -p zerolease-tests` rebuilds the library but not
-/// the binary: say so when the binary is older than the supervisor's source.
-fn warn_if_stale(bin: &std::path::Path) {
-    let mtime = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../supervisor/src");
-    let newest_source = walk(&src).iter().filter_map(|p| mtime(p)).max();
-    if let (Some(source), Some(b)) = (newest_source, mtime(bin))
-        && b < source
-    {
-        eprintln!(
-            "WARNING: {} is older than supervisor/src; run `cargo build -p zerolease` first",
-            bin.display()
-        );
-    }
-}
-
 /// `zerolease --home <home> ARGS` on the host, with `stdin` fed in.
 fn cli(w: &SessionWorld, args: &[&str], stdin: Option<&str>) -> Output {
-    let mut child = Command::new(bin())
+    let mut child = Command::new(zerolease_bin())
         .arg("--home")
         .arg(w.home().root())
         .args(args)
@@ -148,7 +114,7 @@ impl Run {
         let manifest = w.dir.path().join("session.yaml");
         let home = w.home().root().display().to_string();
         let mut child = w.host.spawn(
-            &bin().display().to_string(),
+            &zerolease_bin().display().to_string(),
             [
                 "-v",
                 "--home",
@@ -546,7 +512,7 @@ fn secret_rotate_succeeds_with_a_warning_when_a_session_cannot_be_updated() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("home");
     let zl = |args: &[&str], stdin: &str| {
-        let mut child = Command::new(bin())
+        let mut child = Command::new(zerolease_bin())
             .arg("--home")
             .arg(&home)
             .args(args)
@@ -597,7 +563,7 @@ fn secret_rotate_succeeds_with_a_warning_when_a_session_cannot_be_updated() {
     // The stand-in for the session's `zerolease run`: a zerolease process
     // that waits on its stdin.
     let other_home = dir.path().join("other");
-    let mut standin = Command::new(bin())
+    let mut standin = Command::new(zerolease_bin())
         .arg("--home")
         .arg(&other_home)
         .args(["secret", "add", "x", "--domain", "x.example"])

@@ -3,18 +3,17 @@
 //! in `ps` while it runs, `run --ci` driven by the exact commands of
 //! `docs/ci.md`, and cleanup when `--ci` gets SIGTERM.
 //!
-//! The binary is `target/debug/zerolease` (or `ZEROLEASE_BIN`); build it with
-//! `cargo build -p zerolease --bin zerolease` before a focused run (`cargo
-//! test --workspace` builds it).
+//! The binary is `zerolease_tests::zerolease_bin()`: built by cargo before
+//! the first use, so never older than the sources.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use zerolease::session::record::SessionRecord;
-use zerolease_tests::require_root_and_tools;
+use zerolease_tests::{require_root_and_tools, zerolease_bin};
 
 use crate::session::{CANARY, SessionWorld, image_ready, walk};
 
@@ -45,43 +44,6 @@ exit 7
 "#;
 
 const REFUSED_REASON: &str = "no active lease or allow entry covers this host";
-
-/// The `zerolease` binary of this build; refuses one older than the
-/// supervisor's sources.
-fn zerolease_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("ZEROLEASE_BIN") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .join("zerolease");
-    let built = std::fs::metadata(&bin)
-        .and_then(|m| m.modified())
-        .unwrap_or_else(|e| {
-            panic!(
-                "{}: {e}; run `cargo build -p zerolease --bin zerolease` first",
-                bin.display()
-            )
-        });
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../supervisor/src");
-    let newer: Vec<PathBuf> = walk(&src)
-        .into_iter()
-        .filter(|f| {
-            std::fs::metadata(f)
-                .and_then(|m| m.modified())
-                .is_ok_and(|t| t > built)
-        })
-        .collect();
-    assert!(
-        newer.is_empty(),
-        "{} is older than {newer:?}: run `cargo build -p zerolease --bin zerolease` first",
-        bin.display()
-    );
-    bin
-}
 
 /// `zerolease --home HOME ARGS` in the host namespace, waited for.
 fn zl(w: &SessionWorld, args: &[&str]) -> Output {

@@ -12,34 +12,15 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::pty::{Winsize, openpty};
 use nix::sys::termios::{self, Termios};
-use zerolease_tests::require_root_and_tools;
+use zerolease_tests::{require_root_and_tools, zerolease_bin};
 
 use crate::session::{CANARY, SessionWorld, image_ready};
-
-/// Builds (if needed) and returns the `zerolease` binary of this workspace:
-/// `CARGO_BIN_EXE_*` exists only for a package's own tests.
-pub(crate) fn zerolease_bin() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "-q", "-p", "zerolease", "--bin", "zerolease"])
-        .current_dir(&root)
-        .status()
-        .expect("cannot run cargo build for the zerolease binary");
-    assert!(status.success(), "cargo build -p zerolease failed");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    let bin = target.join("debug/zerolease");
-    assert!(bin.exists(), "{} is missing after the build", bin.display());
-    bin
-}
 
 fn winsize(rows: u16, cols: u16) -> Winsize {
     Winsize {
