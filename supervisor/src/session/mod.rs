@@ -744,6 +744,36 @@ fn control_listener(path: &std::path::Path) -> Result<UnixListener, SessionError
     })
 }
 
+/// A control request: its line and where the answer goes.
+type ControlRequest = (String, tokio::net::unix::OwnedWriteHalf);
+
+/// Accepts control connections and reads each one's request line in a task
+/// of its own, so a client that connects and never writes (or writes
+/// slowly) cannot stall the session's message loop; the line is dropped
+/// after 5 s without a newline.
+async fn accept_control(control: UnixListener, requests: mpsc::Sender<ControlRequest>) {
+    loop {
+        let stream = match control.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!("accepting a control connection: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let requests = requests.clone();
+        tokio::spawn(async move {
+            let (read, write) = stream.into_split();
+            let mut line = String::new();
+            let mut reader = tokio::io::BufReader::new(read.take(leases::MAX_REQUEST_LEN as u64));
+            let read = tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line));
+            if read.await.is_ok() {
+                let _ = requests.send((line, write)).await;
+            }
+        });
+    }
+}
+
 /// Relays the agent's output, answers credential requests, and obeys the
 /// control socket until the agent exits.
 #[allow(clippy::too_many_arguments)]
@@ -761,6 +791,9 @@ async fn serve(
 ) -> Result<RunOutcome, SessionError> {
     let session = held.session.clone().unwrap_or_default();
     let mut pending = leases::PendingUpdates::default();
+    let (request_tx, mut requests) = mpsc::channel(8);
+    let _acceptor =
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(accept_control(control, request_tx)));
     loop {
         let msg = tokio::select! {
             Some(event) = tty.recv() => match event {
@@ -775,13 +808,8 @@ async fn serve(
                 Some(Err(e)) => return Err(e),
                 Some(Ok(None)) | None => return Err(SessionError::GuestGone),
             },
-            c = control.accept() => {
-                let Ok((stream, _)) = c else { continue };
-                let (read, mut write) = stream.into_split();
-                let mut line = String::new();
-                let mut lines = tokio::io::BufReader::new(read.take(leases::MAX_REQUEST_LEN as u64));
-                // A client that never writes must not stall the session.
-                let _ = tokio::time::timeout(Duration::from_secs(5), lines.read_line(&mut line)).await;
+            r = requests.recv() => {
+                let Some((line, mut write)) = r else { continue };
                 match Control::parse(&line) {
                     Some(Control::Revoke) => {
                         let revoked = vault.revoke(RevokeScope::Session(session.clone()));
@@ -935,4 +963,34 @@ fn injects_git(manifest: &Manifest, index: usize) -> bool {
         .inject
         .iter()
         .any(|i| matches!(i, Inject::GitCredential(_)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_silent_control_client_does_not_hold_up_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("supervisor.sock");
+        let (tx, mut requests) = mpsc::channel(8);
+        let _acceptor = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(accept_control(
+            control_listener(&path).unwrap(),
+            tx,
+        )));
+
+        // Connects and never writes.
+        let _silent = tokio::net::UnixStream::connect(&path).await.unwrap();
+        // Writes only part of a line.
+        let mut partial = tokio::net::UnixStream::connect(&path).await.unwrap();
+        partial.write_all(b"sta").await.unwrap();
+        let mut client = tokio::net::UnixStream::connect(&path).await.unwrap();
+        client.write_all(b"stats\n").await.unwrap();
+
+        let (line, _answer) = tokio::time::timeout(Duration::from_secs(1), requests.recv())
+            .await
+            .expect("the third client's request waited for the silent ones")
+            .unwrap();
+        assert_eq!(Control::parse(&line), Some(Control::Stats));
+    }
 }
