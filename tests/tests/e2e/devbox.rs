@@ -355,29 +355,7 @@ fn a_tampered_root_disk_is_refused_before_anything_is_built() {
     disk[600_000] ^= 0x40;
     std::fs::write(copy.join(image::ROOT_DISK_FILE), &disk).unwrap();
 
-    let mut config = w.config();
-    config.images = Some(images.path().to_owned());
-    let (vault, manifest) = (w.vault.clone(), w.manifest.clone());
-    let result = w.host.block_on(|| async move {
-        session::run(vault, manifest, config, &mut Vec::new(), &mut Vec::new()).await
-    });
-    let err = result.unwrap_err();
-    assert!(matches!(err, session::SessionError::Image(_)), "{err}");
-    assert!(
-        err.to_string()
-            .contains("root.ext4 does not match image.json"),
-        "{err}"
-    );
-    let events: Vec<String> = w
-        .vault
-        .audit_list(AuditFilter::default())
-        .unwrap()
-        .into_iter()
-        .map(|r| r.record.event)
-        .collect();
-    assert!(!events.iter().any(|e| e == "lease_granted"), "{events:?}");
-    let links = w.host.exec("ip", ["-o", "link", "show"]);
-    assert!(!String::from_utf8_lossy(&links.stdout).contains("zl-"));
+    w.assert_image_refused_before_anything(images.path(), "root.ext4 does not match image.json");
 }
 
 /// `manifests/claude-code.yaml` and `manifests/codex.yaml` load, run on

@@ -250,6 +250,31 @@ impl SessionWorld {
 
     /// Nothing of session `id` is left: no tap, no table, no QEMU, no
     /// runtime directory.
+    /// Runs the session from the images in `images` and checks it is
+    /// refused as a bad image (the message holding `why`) before any lease
+    /// is granted or any tap made.
+    pub(crate) fn assert_image_refused_before_anything(&self, images: &std::path::Path, why: &str) {
+        let mut config = self.config();
+        config.images = Some(images.to_owned());
+        let (vault, manifest) = (self.vault.clone(), self.manifest.clone());
+        let result = self.host.block_on(|| async move {
+            session::run(vault, manifest, config, &mut Vec::new(), &mut Vec::new()).await
+        });
+        let err = result.unwrap_err();
+        assert!(matches!(err, session::SessionError::Image(_)), "{err}");
+        assert!(err.to_string().contains(why), "{err}");
+        let events: Vec<String> = self
+            .vault
+            .audit_list(AuditFilter::default())
+            .unwrap()
+            .into_iter()
+            .map(|r| r.record.event)
+            .collect();
+        assert!(!events.iter().any(|e| e == "lease_granted"), "{events:?}");
+        let links = self.host.exec("ip", ["-o", "link", "show"]);
+        assert!(!String::from_utf8_lossy(&links.stdout).contains("zl-"));
+    }
+
     pub(crate) fn assert_no_leftovers(&self, id: &str) {
         let links = self.host.exec("ip", ["-o", "link", "show"]);
         assert!(
@@ -505,28 +530,7 @@ fn a_tampered_image_is_refused_before_anything_is_built() {
     bytes[mid] ^= 0x40;
     std::fs::write(copy.join("initramfs.cpio.gz"), bytes).unwrap();
 
-    let mut config = w.config();
-    config.images = Some(images.path().to_owned());
-    let (vault, manifest) = (w.vault.clone(), w.manifest.clone());
-    let result = w.host.block_on(|| async move {
-        session::run(vault, manifest, config, &mut Vec::new(), &mut Vec::new()).await
-    });
-    let err = result.unwrap_err();
-    assert!(matches!(err, session::SessionError::Image(_)), "{err}");
-    assert!(
-        err.to_string().contains("does not match image.json"),
-        "{err}"
-    );
-    let events: Vec<String> = w
-        .vault
-        .audit_list(AuditFilter::default())
-        .unwrap()
-        .into_iter()
-        .map(|r| r.record.event)
-        .collect();
-    assert!(!events.iter().any(|e| e == "lease_granted"), "{events:?}");
-    let links = w.host.exec("ip", ["-o", "link", "show"]);
-    assert!(!String::from_utf8_lossy(&links.stdout).contains("zl-"));
+    w.assert_image_refused_before_anything(images.path(), "does not match image.json");
 }
 
 /// A supervisor that was killed leaves its jail and leases; the next one
