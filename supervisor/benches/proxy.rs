@@ -2,7 +2,9 @@
 //! the same run:
 //!
 //! - tunnel throughput: `ZEROLEASE_BENCH_BYTES` (default 1 GiB) sent to a
-//!   sink directly, through the proxy, and through squid;
+//!   sink directly, through the proxy (a child process, as squid is), and
+//!   through squid, `ZEROLEASE_BENCH_ROUNDS` (default 5) times each in
+//!   rotated order; the medians are compared and the ranges shown;
 //! - CONNECT set-up latency p50/p99: `ZEROLEASE_BENCH_CONNECTS` (default 500)
 //!   rounds of a plain TCP connect, a proxy CONNECT and a squid CONNECT;
 //! - revocation cut-off p50/p99: `ZEROLEASE_BENCH_STREAMS` (default 100)
@@ -10,12 +12,13 @@
 //!   returning to each client seeing EOF or a reset, against the same streams
 //!   opened directly and aborted by the source itself;
 //! - idle tunnel memory: `ZEROLEASE_BENCH_IDLE` (default 10,000) idle
-//!   tunnels held by a proxy in a child process, the growth of that
-//!   process's RSS (VmRSS) divided by the count, against a plain server child
-//!   holding as many accepted idle connections. Kernel socket memory is not
-//!   in RSS. The proxy holds four descriptors per tunnel (two sockets, two
-//!   duplicates for the registry), so the count is capped to what
-//!   RLIMIT_NOFILE allows, and the output says so.
+//!   tunnels held by proxies in child processes, the growth of their RSS
+//!   (VmRSS) divided by the count, against a plain server child holding as
+//!   many accepted idle connections. Kernel socket memory is not in RSS. A
+//!   proxy holds four descriptors per tunnel (two sockets, two duplicates for
+//!   the registry), so when RLIMIT_NOFILE cannot hold them all in one process
+//!   the tunnels are spread over several proxy processes (as over several
+//!   sessions), and the output says how many.
 //!
 //! Squid runs only when `ZEROLEASE_BENCH_SQUID=127.0.0.1:PORT` names one that
 //! allows CONNECT to `127.0.0.1:ZEROLEASE_BENCH_UPSTREAM_PORT` (the sink's
@@ -339,6 +342,37 @@ fn pct(v: &mut [Duration], p: usize) -> Duration {
         .min(v.len() - 1)]
 }
 
+/// User plus system CPU time of a process (`self` or a pid), all threads,
+/// from `/proc/<pid>/stat` (in clock ticks).
+fn cpu_time(pid: &str) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/PID/stat");
+    // Fields after the command name, which ends at the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .and_then(|t| u64::try_from(t).ok())
+        .filter(|t| *t > 0)
+        .unwrap_or(100);
+    Duration::from_micros(ticks * 1_000_000 / per_second)
+}
+
+/// The median of `v` (the mean of the middle two for an even count).
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
 fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
@@ -352,18 +386,55 @@ async fn tunnels(metrics: &mut Vec<Metric>, squid: Option<SocketAddr>) {
     let bytes = env_usize("ZEROLEASE_BENCH_BYTES", 1 << 30);
     let connects = env_usize("ZEROLEASE_BENCH_CONNECTS", 500);
     let up = sink(env_usize("ZEROLEASE_BENCH_UPSTREAM_PORT", 0) as u16).await;
-    let proxy = Proxy::start(up.port(), connects + 16).await;
+    // The proxy runs in a child process, as it does in a session and as
+    // squid does here: the kernel, not one shared runtime, places the
+    // client, the proxy and the sink on the cores.
+    let (proxy_child, proxy_addr) = Child::spawn(&["proxy", &up.port().to_string()]).await;
     let target = format!("{HOST}:{}", up.port());
     let squid_target = up.to_string();
 
     let mib = bytes as f64 / (1024.0 * 1024.0);
     let rate = |d: Duration| mib / d.as_secs_f64();
-    let direct = {
-        let s = TcpStream::connect(up).await.unwrap();
-        let _ = s.set_nodelay(true);
-        rate(push(s, bytes).await)
+    // Rounds of direct, proxy and squid in turn, the order rotated each
+    // round, so drift and one-off stalls hit all three alike; the medians
+    // are compared.
+    let rounds = env_usize("ZEROLEASE_BENCH_ROUNDS", 5).max(1);
+    let (mut direct, mut proxied, mut via_squid) = (Vec::new(), Vec::new(), Vec::new());
+    // CPU time: this process's (client and sink) over the direct rounds,
+    // the proxy child's over the proxied ones.
+    let child_pid = proxy_child.proc.id().expect("the proxy child runs");
+    let (mut endpoints_cpu, mut proxy_cpu) = (Duration::ZERO, Duration::ZERO);
+    for round in 0..rounds {
+        for k in 0..3 {
+            match (round + k) % 3 {
+                0 => {
+                    let s = TcpStream::connect(up).await.unwrap();
+                    let _ = s.set_nodelay(true);
+                    let cpu = cpu_time("self");
+                    direct.push(rate(push(s, bytes).await));
+                    endpoints_cpu += cpu_time("self") - cpu;
+                }
+                1 => {
+                    let s = tunnel(proxy_addr, &target).await;
+                    let cpu = cpu_time(&child_pid.to_string());
+                    proxied.push(rate(push(s, bytes).await));
+                    proxy_cpu += cpu_time(&child_pid.to_string()) - cpu;
+                }
+                _ => {
+                    if let Some(squid) = squid {
+                        via_squid.push(rate(push(tunnel(squid, &squid_target).await, bytes).await));
+                    }
+                }
+            }
+        }
+    }
+    let spread = |v: &[f64]| {
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(0.0, f64::max);
+        format!("{lo:.0}..{hi:.0}")
     };
-    let proxied = rate(push(tunnel(proxy.addr, &target).await, bytes).await);
+    let (direct_spread, proxied_spread) = (spread(&direct), spread(&proxied));
+    let (direct, proxied) = (median(&mut direct), median(&mut proxied));
     let goal = "proxy >= 0.90 x direct and > squid";
     metrics.push(
         Metric::new(
@@ -374,10 +445,28 @@ async fn tunnels(metrics: &mut Vec<Metric>, squid: Option<SocketAddr>) {
             direct,
         )
         .with("bytes", bytes)
+        .with("rounds", rounds)
+        .with("range", proxied_spread)
+        .with("baseline_range", direct_spread)
         .with("goal", goal),
     );
-    if let Some(squid) = squid {
-        let via_squid = rate(push(tunnel(squid, &squid_target).await, bytes).await);
+    let gib = (rounds * bytes) as f64 / f64::from(1u32 << 30);
+    metrics.push(
+        Metric::new(
+            "proxy_cpu_per_gib",
+            ms(proxy_cpu) / gib,
+            "ms",
+            "direct_endpoints_cpu_per_gib",
+            ms(endpoints_cpu) / gib,
+        )
+        .with(
+            "note",
+            "CPU time of the proxy process per GiB relayed vs that of the client and sink together per GiB sent directly",
+        ),
+    );
+    if !via_squid.is_empty() {
+        let squid_spread = spread(&via_squid);
+        let via_squid = median(&mut via_squid);
         metrics.push(
             Metric::new(
                 "squid_tunnel_throughput",
@@ -386,7 +475,9 @@ async fn tunnels(metrics: &mut Vec<Metric>, squid: Option<SocketAddr>) {
                 "direct_tcp_throughput",
                 direct,
             )
-            .with("bytes", bytes),
+            .with("bytes", bytes)
+            .with("rounds", rounds)
+            .with("range", squid_spread),
         );
         metrics.push(
             Metric::new(
@@ -397,6 +488,7 @@ async fn tunnels(metrics: &mut Vec<Metric>, squid: Option<SocketAddr>) {
                 via_squid,
             )
             .with("bytes", bytes)
+            .with("rounds", rounds)
             .with("goal", goal),
         );
     }
@@ -411,7 +503,7 @@ async fn tunnels(metrics: &mut Vec<Metric>, squid: Option<SocketAddr>) {
         direct.push(t.elapsed());
         drop(s);
         let t = Instant::now();
-        let s = tunnel(proxy.addr, &target).await;
+        let s = tunnel(proxy_addr, &target).await;
         proxied.push(t.elapsed());
         drop(s);
         if let Some(squid) = squid {
@@ -486,7 +578,7 @@ async fn tunnels(metrics: &mut Vec<Metric>, squid: Option<SocketAddr>) {
             .with("samples", connects),
         );
     }
-    proxy.stop().await;
+    drop(proxy_child);
 }
 
 /// Reads until EOF or an error; reports when the stream began to flow, then
@@ -594,8 +686,8 @@ async fn revocation(metrics: &mut Vec<Metric>) {
     }
 }
 
-/// Child process for the idle test: either the proxy alone (`proxy PORT`,
-/// reaching the parent's holder on PORT) or a plain server that accepts and
+/// Child process for the throughput and idle tests: either the proxy alone
+/// (`proxy PORT`, reaching `bench.test` = 127.0.0.1 on PORT) or a plain server that accepts and
 /// holds connections (`holder`). Prints its listening address, then answers
 /// each line on stdin with `RSS_KIB CONNECTIONS`; exits at EOF.
 fn idle_child(kind: &str, upstream_port: u16) {
@@ -681,7 +773,8 @@ impl Child {
     }
 }
 
-/// What one idle phase measured, in the child that holds the connections.
+/// What one idle phase measured, summed over the children that hold the
+/// connections.
 struct IdleResult {
     before_kib: u64,
     after_kib: u64,
@@ -725,64 +818,94 @@ async fn open_idle(to: SocketAddr, target: Option<String>, n: usize) -> (Vec<Tcp
     (open, errors)
 }
 
-/// Measures `child` (which holds one end of each connection) before and
-/// after `n` idle connections are opened to `to`.
+/// Measures `children` (each holding one end of its share of the
+/// connections) before and after `n` idle connections are opened, spread
+/// evenly over them.
 async fn idle_phase(
-    mut child: Child,
-    to: SocketAddr,
+    mut children: Vec<(Child, SocketAddr)>,
     target: Option<String>,
     n: usize,
 ) -> IdleResult {
-    // Warm the path once so one-off allocations are not counted.
-    let warm = open_idle(to, target.clone(), 1).await;
-    drop(warm);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let (before, base) = child.probe().await;
-    let (open, mut errors) = open_idle(to, target, n).await;
-    // Wait for the child to hold every connection the clients think open.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut held = child.probe().await.1.saturating_sub(base);
-    while held < open.len() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        held = child.probe().await.1.saturating_sub(base);
+    let k = children.len();
+    let share = |i: usize| n / k + usize::from(i < n % k);
+    let mut result = IdleResult {
+        before_kib: 0,
+        after_kib: 0,
+        opened: 0,
+        errors: 0,
+    };
+    let mut bases = Vec::with_capacity(k);
+    for (child, to) in &mut children {
+        // Warm the path once so one-off allocations are not counted.
+        drop(open_idle(*to, target.clone(), 1).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (before, base) = child.probe().await;
+        result.before_kib += before;
+        bases.push(base);
     }
-    errors += open.len().saturating_sub(held);
+    let mut open = Vec::with_capacity(n);
+    for (i, (_, to)) in children.iter().enumerate() {
+        let (mut some, errors) = open_idle(*to, target.clone(), share(i)).await;
+        result.errors += errors;
+        open.push(std::mem::take(&mut some));
+    }
+    // Wait for each child to hold every connection its clients think open.
+    for (i, (child, _)) in children.iter_mut().enumerate() {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut held = child.probe().await.1.saturating_sub(bases[i]);
+        while held < open[i].len() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            held = child.probe().await.1.saturating_sub(bases[i]);
+        }
+        result.errors += open[i].len().saturating_sub(held);
+        result.opened += held;
+    }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let (after, _) = child.probe().await;
+    for (child, _) in &mut children {
+        result.after_kib += child.probe().await.0;
+    }
     drop(open);
-    let _ = child.proc.start_kill();
-    IdleResult {
-        before_kib: before,
-        after_kib: after,
-        opened: held,
-        errors,
+    for (mut child, _) in children {
+        let _ = child.proc.start_kill();
     }
+    result
 }
+
+/// Descriptors a process keeps for itself besides the connections.
+const SPARE_FDS: usize = 256;
 
 async fn idle(metrics: &mut Vec<Metric>) {
     let requested = env_usize("ZEROLEASE_BENCH_IDLE", 10_000);
-    // The proxy holds four descriptors per tunnel (two sockets, two
-    // duplicates for the registry to shut down); this process two (client,
-    // held upstream end).
     let limit = nofile_limit() as usize;
-    let fits = limit.saturating_sub(256) / 4;
-    let n = requested.min(fits);
+    // This process holds one descriptor per connection (the client end);
+    // so does the holder child. Past that, the count is capped.
+    let n = requested.min(limit.saturating_sub(SPARE_FDS));
     if n < requested {
         eprintln!(
-            "idle test: {requested} tunnels need {} descriptors in the proxy, RLIMIT_NOFILE is {limit}; measuring {n}",
-            requested * 4 + 256
+            "idle test: {requested} connections need {} descriptors here, RLIMIT_NOFILE is {limit}; measuring {n}",
+            requested + SPARE_FDS
         );
     }
-    // Baseline: a plain server process holding n accepted idle connections.
-    let (holder_child, holder_addr) = Child::spawn(&["holder", "0"]).await;
-    let direct = idle_phase(holder_child, holder_addr, None, n).await;
+    // A proxy holds four descriptors per tunnel (two sockets, two duplicates
+    // for the registry to shut down), so the tunnels are spread over as many
+    // proxy processes as the limit needs, as they would be over sessions.
+    let per_proxy = (limit.saturating_sub(SPARE_FDS) / 4).max(1);
+    let proxies = n.div_ceil(per_proxy).max(1);
 
-    // The proxy process holding n idle tunnels to a holder in this process.
-    let (up, _held) = holder().await;
+    // Baseline: a plain server process holding n accepted idle connections.
+    let holder_child = Child::spawn(&["holder", "0"]).await;
+    let direct = idle_phase(vec![holder_child], None, n).await;
+
+    // The proxies holding n idle tunnels to a holder child.
+    let (upstream, up) = Child::spawn(&["holder", "0"]).await;
     let port = up.port().to_string();
-    let (proxy_child, proxy_addr) = Child::spawn(&["proxy", &port]).await;
+    let mut children = Vec::with_capacity(proxies);
+    for _ in 0..proxies {
+        children.push(Child::spawn(&["proxy", &port]).await);
+    }
     let target = format!("{HOST}:{port}");
-    let proxied = idle_phase(proxy_child, proxy_addr, Some(target), n).await;
+    let proxied = idle_phase(children, Some(target), n).await;
+    drop(upstream);
 
     let per = |r: &IdleResult| r.after_kib.saturating_sub(r.before_kib) as f64 / n as f64;
     metrics.push(
@@ -795,6 +918,7 @@ async fn idle(metrics: &mut Vec<Metric>) {
         )
         .with("tunnels", n)
         .with("requested", requested)
+        .with("proxy_processes", proxies)
         .with("nofile_limit", limit)
         .with("opened", proxied.opened)
         .with("errors", proxied.errors)
@@ -803,7 +927,7 @@ async fn idle(metrics: &mut Vec<Metric>) {
         .with("proxy_rss_after_kib", proxied.after_kib)
         .with(
             "note",
-            "RSS growth of the proxy process per tunnel vs a plain accept-and-hold server per connection",
+            "RSS growth of the proxy processes per tunnel vs a plain accept-and-hold server per connection",
         )
         .with("goal", "< 64 KiB per tunnel, no errors"),
     );
