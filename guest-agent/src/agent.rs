@@ -414,6 +414,7 @@ fn start(
         },
     )
     .map_err(|err| undo(reason(&err)))?;
+    crate::log(&format!("provisioned; the agent command runs as pid {pid}"));
     Ok((done, pid, ws, master))
 }
 

@@ -453,6 +453,7 @@ struct Booted {
 /// Everything PID 1 does before serving the host.
 fn boot(root: &Path) -> Result<Booted, BootError> {
     mount_early(root)?;
+    log("started");
     let proc_root = root.join("proc");
     let sysfs_root = root.join("sys");
     let cmdline_path = proc_root.join("cmdline");
@@ -493,6 +494,7 @@ fn boot(root: &Path) -> Result<Booted, BootError> {
         &config.control_port,
         PORT_WAIT,
     )?;
+    log("control port open");
     Ok(Booted {
         port,
         helper_command,

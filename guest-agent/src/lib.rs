@@ -55,9 +55,20 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
-/// A line on the guest's console.
+/// A line on the guest's console, stamped with the guest's uptime (as the
+/// kernel stamps its own lines) so that a slow boot shows where the time
+/// went; unstamped before `/proc` is mounted.
 pub(crate) fn log(line: &str) {
-    eprintln!("zerolease-guest: {line}");
+    match uptime() {
+        Some(up) => eprintln!("zerolease-guest [{up}]: {line}"),
+        None => eprintln!("zerolease-guest: {line}"),
+    }
+}
+
+/// The first field of `/proc/uptime` (seconds, two decimals).
+fn uptime() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/uptime").ok()?;
+    text.split_whitespace().next().map(str::to_owned)
 }
 
 /// This agent's version, sent in `Hello`.

@@ -9,10 +9,27 @@
 # created (vault open, image verified), booting (leases granted), guest hello
 # (jail, proxy, QEMU, kernel, guest agent up), command started (provisioned),
 # and teardown (stopping to destroyed). The supervisor's overhead is the time
-# to the command minus the bare boot. Memory: the RSS of `zerolease run`
-# while its session idles (QEMU, which holds the guest's RAM, not counted).
+# to the command minus the bare boot. Inside that overhead, the guest's own
+# share comes from the uptime stamps the guest agent writes to the console
+# (kept as sessions/<id>/console.log): its boot (init to the control port
+# open: modules, network) and provisioning (control port to the agent
+# command started, including the host's answer), both emulated by TCG.
+# Memory: the RSS of `zerolease run` while its session idles (QEMU, which
+# holds the guest's RAM, not counted).
 
-bench_session_runs=${ZEROLEASE_BENCH_SESSION_RUNS:-3}
+bench_session_runs=${ZEROLEASE_BENCH_SESSION_RUNS:-5}
+
+# guest_ms CONSOLE_LOG FROM TO: milliseconds of guest uptime between the
+# guest agent's console lines containing FROM and TO (empty if missing).
+guest_ms() {
+    awk -v from="$2" -v to="$3" '
+        /^zerolease-guest \[/ {
+            t = $2; gsub(/[\[\]:]/, "", t)
+            if (a == "" && index($0, from)) a = t
+            if (b == "" && index($0, to)) b = t
+        }
+        END { if (a != "" && b != "") printf "%d\n", (b - a) * 1000 + 0.5 }' "$1"
+}
 
 ms_now() { echo $(( $(date +%s%N) / 1000000 )); }
 
@@ -65,7 +82,7 @@ resources: { memory: 512MiB }
 command: ["true"]
 EOM
     log "zerolease run, command \`true\` ($bench_session_runs runs)"
-    local to_cmd=() teardown=() hello=() provision=() prep=() id start
+    local to_cmd=() teardown=() hello=() provision=() prep=() g_boot=() g_prov=() id start console
     for _ in $(seq "$bench_session_runs"); do
         start=$(ms_now)
         ip netns exec "$ns" "$zl" run "$tmp/bench.yaml" >/dev/null 2>&1 || die "the benchmark session failed"
@@ -83,6 +100,13 @@ EOM
         provision+=($((r - p)))
         to_cmd+=($((r - start)))
         teardown+=($((d - s)))
+        console="$ZEROLEASE_HOME/sessions/$id/console.log"
+        local gb gp
+        gb=$(guest_ms "$console" ": started" ": control port open")
+        gp=$(guest_ms "$console" ": control port open" ": provisioned; the agent command runs")
+        [ -n "$gb" ] && [ -n "$gp" ] || die "no guest agent timings in $console"
+        g_boot+=("$gb")
+        g_prov+=("$gp")
     done
     local bare_m cmd_m
     bare_m=$(median "${bare[@]}")
@@ -118,6 +142,8 @@ EOM
     emit session_phase_prepare "$(median "${prep[@]}")" ms bare_qemu_boot_to_init "$bare_m"
     emit session_phase_boot_to_hello "$(median "${hello[@]}")" ms bare_qemu_boot_to_init "$bare_m"
     emit session_phase_provision "$(median "${provision[@]}")" ms bare_qemu_boot_to_init "$bare_m"
+    emit session_guest_agent_boot "$(median "${g_boot[@]}")" ms bare_qemu_boot_to_init "$bare_m"
+    emit session_guest_provision "$(median "${g_prov[@]}")" ms bare_qemu_boot_to_init "$bare_m"
     emit session_teardown "$(median "${teardown[@]}")" ms bare_qemu_boot_to_init "$bare_m"
     emit session_supervisor_rss_idle "$rss" KiB qemu_rss_idle "$qrss"
 }

@@ -1,6 +1,6 @@
-//! `zerolease logs SESSION [-f]`: the agent's output as the session kept it
-//! (see `session::log`). Needs no vault: the log is a file in the session's
-//! directory.
+//! `zerolease logs SESSION [-f] [--console]`: the agent's output as the
+//! session kept it (see `session::log`), or the guest's serial console.
+//! Needs no vault: both are files in the session's directory.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::home::StateDir;
 use crate::jail::JailId;
-use crate::session::log::{LogReader, log_path};
+use crate::session::log::{LogReader, console_path, log_path};
 use crate::session::record::SessionRecord;
 
 use super::ExitStatus;
@@ -22,6 +22,11 @@ pub enum LogsError {
     BadId(String),
     #[error("no output log for session `{0}`; list sessions with `zerolease ps --all`")]
     NoLog(String),
+    #[error(
+        "no console log for session `{0}` (sessions before this version did not keep one); \
+         list sessions with `zerolease ps --all`"
+    )]
+    NoConsole(String),
     #[error("cannot read the log of session `{session}`")]
     Read {
         session: String,
@@ -30,15 +35,30 @@ pub enum LogsError {
     },
 }
 
-/// Prints the log of `session`; with `follow`, keeps printing what the
-/// session appends until it has ended.
-pub fn run(home: Option<PathBuf>, session: &str, follow: bool) -> anyhow::Result<ExitStatus> {
+/// Prints the log (or with `console` the guest's console) of `session`;
+/// with `follow`, keeps printing what is appended until the session ended.
+pub fn run(
+    home: Option<PathBuf>,
+    session: &str,
+    follow: bool,
+    console: bool,
+) -> anyhow::Result<ExitStatus> {
     let home = StateDir::resolve(home)?;
     // The id names a path: only a well-formed one is used.
     JailId::parse(session).map_err(|_| LogsError::BadId(session.to_owned()))?;
-    let path = log_path(&home, session);
+    let path = if console {
+        console_path(&home, session)
+    } else {
+        log_path(&home, session)
+    };
     if !path.exists() {
-        return Err(LogsError::NoLog(session.to_owned()).into());
+        let id = session.to_owned();
+        return Err(if console {
+            LogsError::NoConsole(id)
+        } else {
+            LogsError::NoLog(id)
+        }
+        .into());
     }
     let read_err = |source| LogsError::Read {
         session: session.to_owned(),

@@ -126,6 +126,11 @@ enum Command {
         /// Keep printing new output until the session ends.
         #[arg(short, long)]
         follow: bool,
+        /// Print the guest's serial console instead (kernel messages and the
+        /// guest agent's boot lines, stamped with the guest's uptime): where
+        /// to look when a VM does not boot.
+        #[arg(long)]
+        console: bool,
     },
     /// Check that this host can run sessions (QEMU, KVM, nftables, tun,
     /// privileges, the address pool, the image) and say how to fix each
@@ -431,8 +436,13 @@ pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitCode> {
     if let Command::Image(cmd) = &cli.command {
         return image_cmd::run(cmd, cli.json).map(Into::into);
     }
-    if let Command::Logs { session, follow } = &cli.command {
-        return logs::run(cli.home.clone(), session, *follow).map(Into::into);
+    if let Command::Logs {
+        session,
+        follow,
+        console,
+    } = &cli.command
+    {
+        return logs::run(cli.home.clone(), session, *follow, *console).map(Into::into);
     }
     if let Command::Attach { session } = &cli.command {
         return detach::attach(cli.home.clone(), session).map(Into::into);
@@ -479,7 +489,11 @@ pub fn run(cli: Cli, env_keys: EnvKeys) -> anyhow::Result<ExitCode> {
             manifest_check(&vault, &file, agent, j)
         }
         Command::Image(cmd) => image_cmd::run(&cmd, j),
-        Command::Logs { session, follow } => logs::run(cli.home.clone(), &session, follow),
+        Command::Logs {
+            session,
+            follow,
+            console,
+        } => logs::run(cli.home.clone(), &session, follow, console),
         Command::Attach { session } => detach::attach(cli.home.clone(), &session),
         Command::Doctor { .. } => unreachable!("handled before the vault is opened"),
         Command::Ps { all } => sessions::ps(&vault, cli.home.clone(), all, j),

@@ -35,6 +35,38 @@ pub fn log_path(home: &StateDir, id: &str) -> PathBuf {
     session_dir(home, id).join("output.log")
 }
 
+/// The guest's serial console of session `id` (kernel messages and the
+/// guest agent's own lines, never the agent's output), kept after the VM
+/// is gone so that a failed boot can be read.
+pub fn console_path(home: &StateDir, id: &str) -> PathBuf {
+    session_dir(home, id).join("console.log")
+}
+
+/// How many bytes of the console a finished session keeps (the newest).
+pub const CONSOLE_LIMIT: u64 = 1 << 20;
+
+/// Cuts the file at `path` down to its last `limit` bytes, if it is longer:
+/// the guest writes its console unchecked while it runs.
+pub fn keep_tail(path: &Path, limit: u64) -> std::io::Result<()> {
+    use std::io::Read;
+    let mut file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let len = file.metadata()?.len();
+    if len <= limit {
+        return Ok(());
+    }
+    file.seek(SeekFrom::Start(len - limit))?;
+    let mut tail = Vec::with_capacity(usize::try_from(limit).unwrap_or(0));
+    file.take(limit).read_to_end(&mut tail)?;
+    let partial = path.with_extension("log.part");
+    let mut out = create(&partial)?;
+    out.write_all(&tail)?;
+    std::fs::rename(&partial, path)
+}
+
 /// The older part of the log.
 pub fn previous_path(current: &Path) -> PathBuf {
     current.with_extension("log.1")
@@ -230,6 +262,24 @@ mod tests {
                 "{current}+{incoming}/{limit}"
             );
         }
+    }
+
+    #[test]
+    fn keep_tail_keeps_the_newest_bytes_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        keep_tail(&path, 10).unwrap(); // missing: nothing to do
+        assert!(!path.exists());
+        std::fs::write(&path, b"0123456789").unwrap();
+        keep_tail(&path, 10).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"0123456789");
+        std::fs::write(&path, b"0123456789abcdef").unwrap();
+        keep_tail(&path, 10).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"6789abcdef");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(!dir.path().join("console.log.part").exists());
     }
 
     fn read_all(path: &Path) -> Vec<u8> {

@@ -31,7 +31,7 @@ pub mod workspace;
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::DirBuilderExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -361,6 +361,11 @@ async fn cleanup(vault: &Arc<Vault>, held: &mut Held) {
     if let Some(dir) = held.runtime_dir.take() {
         let _ = std::fs::remove_dir_all(dir);
     }
+    if let Some((home, _)) = &held.record
+        && let Err(e) = log::keep_tail(&log::console_path(home, &id), log::CONSOLE_LIMIT)
+    {
+        tracing::warn!("cannot trim the console log: {e}");
+    }
 }
 
 async fn drive(
@@ -508,6 +513,10 @@ async fn drive(
             host_ip: host,
         }),
         runtime_dir,
+        // Next to the output log when its directory exists (it outlives the
+        // VM), else in the runtime directory.
+        console_log: Some(log::console_path(&config.home, &session))
+            .filter(|path| path.parent().is_some_and(Path::is_dir)),
     };
     let qemu = crate::vm::process::find_qemu().map_err(SessionError::Qemu)?;
     let accel = match manifest.accel {
@@ -940,6 +949,7 @@ pub fn reap(home: &StateDir, mut rec: record::SessionRecord) -> Result<(), Sessi
         }
     });
     let _ = std::fs::remove_dir_all(&rec.runtime_dir);
+    let _ = log::keep_tail(&log::console_path(home, &rec.id), log::CONSOLE_LIMIT);
     rec.state = "destroyed".into();
     rec.save(home)
         .map_err(|e| SessionError::Setup(e.to_string()))

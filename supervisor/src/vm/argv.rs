@@ -167,6 +167,10 @@ pub struct VmSpec {
     pub net: Option<NetSpec>,
     /// The session's private runtime directory: sockets and logs go here.
     pub runtime_dir: PathBuf,
+    /// Where the guest's serial console is written; `None` puts it in the
+    /// runtime directory as [`CONSOLE_LOG`]. Sessions keep it next to their
+    /// output log so that it outlives the VM (a boot failure points to it).
+    pub console_log: Option<PathBuf>,
 }
 
 /// A raw image file attached as a virtio-blk disk.
@@ -331,7 +335,11 @@ pub fn build_argv(spec: &VmSpec) -> Result<Vec<OsString>, ArgvError> {
         "-qmp",
         &format!("unix:{dir}/{QMP_SOCKET},server=on,wait=off"),
     ]);
-    push(&["-chardev", &format!("file,id=con,path={dir}/{CONSOLE_LOG}")]);
+    let console = match &spec.console_log {
+        Some(path) => option_path(path)?.to_owned(),
+        None => format!("{dir}/{CONSOLE_LOG}"),
+    };
+    push(&["-chardev", &format!("file,id=con,path={console}")]);
     push(&["-serial", "chardev:con"]);
     push(&["-display", "none", "-no-reboot"]);
     push(&[
@@ -378,6 +386,7 @@ mod tests {
                 host_ip: Ipv4Addr::new(10, 77, 0, 1),
             }),
             runtime_dir: "/run/zl/abc123".into(),
+            console_log: None,
         }
     }
 

@@ -150,6 +150,7 @@ pub struct Vm {
     session: JailId,
     pid: u32,
     runtime_dir: PathBuf,
+    console_log: PathBuf,
     child: Option<Child>,
     qmp: Option<Qmp>,
     exit: Option<ExitStatus>,
@@ -187,7 +188,23 @@ impl Vm {
             (None, None) => Vec::new(),
             _ => return Err(SpawnError::TapMismatch),
         };
-        spawn_qemu(qemu, args, &spec.session, &spec.runtime_dir, fds)
+        if let Some(path) = &spec.console_log {
+            // Created here, private: QEMU would create it with its umask.
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|source| SpawnError::Log {
+                    path: path.clone(),
+                    source,
+                })?;
+        }
+        let mut vm = spawn_qemu(qemu, args, &spec.session, &spec.runtime_dir, fds)?;
+        if let Some(path) = &spec.console_log {
+            vm.console_log = path.clone();
+        }
+        Ok(vm)
     }
 
     /// Rebuilds the handle of a leftover QEMU from its record, to reap it.
@@ -210,6 +227,7 @@ impl Vm {
         Ok(Vm {
             session: record.session,
             pid: record.pid,
+            console_log: record.runtime_dir.join(argv::CONSOLE_LOG),
             runtime_dir: record.runtime_dir,
             child: None,
             qmp: None,
@@ -241,7 +259,7 @@ impl Vm {
 
     /// The guest's serial console log.
     pub fn console_log(&self) -> PathBuf {
-        self.runtime_dir.join(argv::CONSOLE_LOG)
+        self.console_log.clone()
     }
 
     /// QEMU's own stdout/stderr.
@@ -547,6 +565,7 @@ pub fn spawn_qemu(
         session: session.clone(),
         pid,
         runtime_dir: runtime_dir.to_owned(),
+        console_log: runtime_dir.join(argv::CONSOLE_LOG),
         child: Some(child),
         qmp: None,
         exit: None,

@@ -60,6 +60,7 @@ fn spec(session: &str, dir: &Path) -> VmSpec {
         root_disk: None,
         net: None,
         runtime_dir: dir.to_owned(),
+        console_log: None,
     }
 }
 

@@ -242,7 +242,8 @@ fn an_interactive_session_gets_a_real_terminal_and_the_escape_ends_it() {
 /// The output log: a non-interactive `zerolease run` (the existing piped
 /// mode) keeps stdout and stderr in `sessions/<id>/output.log`, 0600;
 /// `zerolease logs -f` started while the agent runs prints everything and
-/// returns once the session has ended; `zerolease logs` prints it again.
+/// returns once the session has ended; `zerolease logs` prints it again;
+/// `zerolease logs --console` prints the guest's kept serial console.
 #[test]
 fn logs_keep_the_agents_output_and_follow_it_until_the_end() {
     if !require_root_and_tools(&["ip", "nft", "qemu-system-x86_64"]) || !image_ready() {
@@ -335,6 +336,29 @@ fn logs_keep_the_agents_output_and_follow_it_until_the_end() {
         0o600
     );
     assert!(!std::fs::read_to_string(&log).unwrap().contains(CANARY));
+    // The guest's console outlives the VM, private, with the guest agent's
+    // uptime-stamped boot lines and not the agent's output.
+    let console = Command::new(&bin)
+        .args(["logs", "--console", &id])
+        .env("ZEROLEASE_HOME", &home)
+        .output()
+        .unwrap();
+    assert!(console.status.success());
+    let console = String::from_utf8_lossy(&console.stdout).into_owned();
+    assert!(
+        console.contains("zerolease-guest [") && console.contains("control port open"),
+        "console log:\n{console}"
+    );
+    assert!(!console.contains("first-2") && !console.contains(CANARY));
+    let console_log = home.join("sessions").join(&id).join("console.log");
+    assert_eq!(
+        std::fs::metadata(&console_log)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
     // A bad id is refused before any path is built from it.
     let bad = Command::new(&bin)
         .args(["logs", "../../etc"])
