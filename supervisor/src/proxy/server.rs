@@ -647,12 +647,30 @@ async fn copy_loop(
         },
         _ = shutdown.cancelled() => TunnelEnd::Shutdown,
         _ = idle_watch => TunnelEnd::IdleTimeout,
-        r = copy => match r {
-            Ok(_) if first.load(Ordering::Relaxed) == FIRST_UPSTREAM => TunnelEnd::UpstreamClosed,
-            Ok(_) => TunnelEnd::ClientClosed,
-            Err(_) => TunnelEnd::Error,
-        },
+        r = copy => {
+            let closed_by = match first.load(Ordering::Relaxed) {
+                FIRST_UPSTREAM => Some(TunnelEnd::UpstreamClosed),
+                FIRST_CLIENT => Some(TunnelEnd::ClientClosed),
+                _ => None,
+            };
+            match (r, closed_by) {
+                (Ok(_), closed_by) => closed_by.unwrap_or(TunnelEnd::ClientClosed),
+                // A side that closed and then went away without reading
+                // what was still on its way resets the next write: the
+                // tunnel ended with that close, not in error.
+                (Err(e), Some(closed_by)) if gone(&e) => closed_by,
+                (Err(_), _) => TunnelEnd::Error,
+            }
+        }
     }
+}
+
+/// A write to a peer that has gone: reset or broken pipe.
+fn gone(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+    )
 }
 
 /// The pipe size asked for, and the most one splice(2) moves.
@@ -746,6 +764,67 @@ mod tests {
             .collect()
     }
 
+    /// A proxy on loopback whose session may reach `bulk.test` (= the
+    /// upstream at `up`), and a client tunnel through it.
+    async fn proxied(
+        up: std::net::SocketAddr,
+    ) -> (
+        TcpStream,
+        Arc<MemoryEvents>,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let name = HostName::parse("bulk.test").unwrap();
+        let registry = ProxyRegistry::new();
+        let session = SessionId::new("s");
+        registry.add_session(session.clone());
+        registry
+            .grant(
+                &session,
+                Entry::allow("bulk", vec![DomainPattern::Exact(name.clone())])
+                    .with_ports(vec![up.port()]),
+            )
+            .unwrap();
+        let events = Arc::new(MemoryEvents::new());
+        let state = ProxyState::new(
+            registry,
+            Arc::new(OverrideResolver::new(HashMap::from([(
+                name,
+                vec![up.ip()],
+            )]))),
+            events.clone(),
+            ProxyConfig {
+                allowed_cidrs: AllowedCidrs::parse(&["127.0.0.0/8"]).unwrap(),
+                ..ProxyConfig::default()
+            },
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(run_explicit(listener, session, state, shutdown.clone()));
+
+        let mut c = TcpStream::connect(proxy).await.unwrap();
+        let target = format!("bulk.test:{}", up.port());
+        c.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let reply = b"HTTP/1.1 200 Connection established\r\n\r\n";
+        let mut head = vec![0u8; reply.len()];
+        c.read_exact(&mut head).await.unwrap();
+        assert_eq!(head, reply);
+        (c, events, shutdown, server)
+    }
+
+    /// The tunnel's record, once it has ended.
+    async fn ended(events: &MemoryEvents) -> crate::proxy::events::TunnelRecord {
+        loop {
+            if let Some(rec) = events.tunnels().pop() {
+                return rec;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// The splice pump moves megabytes both ways intact, passes each
     /// half-close on separately, and counts every byte.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -762,44 +841,7 @@ mod tests {
             s.shutdown().await.unwrap();
             got
         });
-        let name = HostName::parse("bulk.test").unwrap();
-        let registry = ProxyRegistry::new();
-        let session = SessionId::new("s");
-        registry.add_session(session.clone());
-        registry
-            .grant(
-                &session,
-                Entry::allow("bulk", vec![DomainPattern::Exact(name.clone())])
-                    .with_ports(vec![up_addr.port()]),
-            )
-            .unwrap();
-        let events = Arc::new(MemoryEvents::new());
-        let state = ProxyState::new(
-            registry,
-            Arc::new(OverrideResolver::new(HashMap::from([(
-                name,
-                vec![up_addr.ip()],
-            )]))),
-            events.clone(),
-            ProxyConfig {
-                allowed_cidrs: AllowedCidrs::parse(&["127.0.0.0/8"]).unwrap(),
-                ..ProxyConfig::default()
-            },
-        );
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let proxy = listener.local_addr().unwrap();
-        let shutdown = CancellationToken::new();
-        let server = tokio::spawn(run_explicit(listener, session, state, shutdown.clone()));
-
-        let mut c = TcpStream::connect(proxy).await.unwrap();
-        let target = format!("bulk.test:{}", up_addr.port());
-        c.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
-        let reply = b"HTTP/1.1 200 Connection established\r\n\r\n";
-        let mut head = vec![0u8; reply.len()];
-        c.read_exact(&mut head).await.unwrap();
-        assert_eq!(head, reply);
+        let (c, events, shutdown, server) = proxied(up_addr).await;
         let (mut r, mut w) = c.into_split();
         let send = tokio::spawn(async move {
             w.write_all(&pattern(1, LEN)).await.unwrap();
@@ -822,15 +864,43 @@ mod tests {
             down.len()
         );
 
-        let rec = loop {
-            if let Some(rec) = events.tunnels().pop() {
-                break rec;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
+        let rec = ended(&events).await;
         assert_eq!((rec.bytes_up, rec.bytes_down), (LEN as u64, LEN as u64));
         // The client sent the first EOF.
         assert_eq!(rec.end, TunnelEnd::ClientClosed);
+        shutdown.cancel();
+        server.await.unwrap();
+    }
+
+    /// A client that closes its side and goes away while the upstream is
+    /// still sending makes the proxy's next write fail (reset, broken
+    /// pipe): the tunnel ended because the client closed, not in error.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_gone_after_its_close_is_a_client_close_not_an_error() {
+        let up = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up_addr = up.local_addr().unwrap();
+        let upstream = tokio::spawn(async move {
+            let (mut s, _) = up.accept().await.unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).await.unwrap();
+            // Keeps sending after the client's EOF until the proxy closes.
+            let chunk = pattern(3, 256 * 1024);
+            for _ in 0..256 {
+                if s.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+            got
+        });
+        let (mut c, events, shutdown, server) = proxied(up_addr).await;
+        c.write_all(b"request").await.unwrap();
+        c.shutdown().await.unwrap();
+        // Gone without reading: the kernel resets what arrives next.
+        drop(c);
+        let rec = ended(&events).await;
+        assert_eq!(rec.end, TunnelEnd::ClientClosed, "{rec:?}");
+        assert_eq!(rec.bytes_up, 7);
+        assert_eq!(upstream.await.unwrap(), b"request");
         shutdown.cancel();
         server.await.unwrap();
     }
