@@ -68,7 +68,7 @@ run_session_bench() {
         t0=$(ms_now)
         qemu-system-x86_64 -accel tcg -machine q35 -cpu max -m 512 -nodefaults -no-user-config \
             -display none -no-reboot -serial none \
-            -kernel "$img/vmlinuz" -initrd "$img/initramfs.cpio.gz" \
+            -kernel "$img/vmlinuz" -initrd "$img/initramfs.cpio" \
             -append "console=ttyS0 quiet panic=-1 rdinit=/bin/busybox -- poweroff -f" >/dev/null 2>&1
         t1=$(ms_now)
         bare+=($((t1 - t0)))

@@ -81,7 +81,7 @@ fn clean_image_seals_and_verifies() {
     assert_eq!(record.scan.files, 2);
     let v = verify(&dir).unwrap();
     assert_eq!(v.record, record);
-    assert_eq!(v.initramfs, dir.join("initramfs.cpio.gz"));
+    assert_eq!(v.initramfs, dir.join("initramfs.cpio"));
 
     // The CLI agrees, by name under --images and by path.
     let root_s = root.path().to_str().unwrap();
@@ -167,12 +167,12 @@ fn tampered_files_are_refused_by_verify() {
     fs::write(&path, &bytes).unwrap();
     let err = verify(&dir).unwrap_err();
     match &err {
-        ImageError::DigestMismatch { file, .. } => assert_eq!(*file, "initramfs.cpio.gz"),
+        ImageError::DigestMismatch { file, .. } => assert_eq!(*file, "initramfs.cpio"),
         other => panic!("{other}"),
     }
     let msg = err.to_string();
     assert!(
-        msg.starts_with("image `tamper`: initramfs.cpio.gz does not match image.json (sha256 ")
+        msg.starts_with("image `tamper`: initramfs.cpio does not match image.json (sha256 ")
             && msg.ends_with("rebuild it with scripts/build-image tamper"),
         "{msg}"
     );
@@ -405,6 +405,40 @@ fn root_disk_digest_cache_never_hides_a_change() {
         image::verify_with(&dir, Some(&cache)),
         Err(ImageError::DigestMismatch {
             file: "root.ext4",
+            ..
+        })
+    ));
+}
+
+/// The cache covers the kernel and the initramfs as well: remembered after
+/// one run, and a changed initramfs is still hashed again and refused.
+#[test]
+fn the_initramfs_digest_is_cached_and_a_change_is_refused() {
+    use image::digest_cache::{CACHE_FILE, CachePolicy};
+    use std::time::Duration;
+    let root = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let dir = make_image(root.path(), "cachedinit", &[]);
+    image::seal(&request("cachedinit", &dir)).unwrap();
+    let mut cache = DigestCache::in_state_dir(state.path());
+    cache.policy = CachePolicy {
+        min_age: Duration::ZERO,
+    };
+    image::verify_with(&dir, Some(&cache)).unwrap();
+    let text = fs::read_to_string(state.path().join(CACHE_FILE)).unwrap();
+    assert!(text.contains(image::INITRAMFS_FILE), "{text}");
+    assert!(text.contains(image::KERNEL_FILE), "{text}");
+
+    std::thread::sleep(Duration::from_millis(30));
+    let initramfs = dir.join(image::INITRAMFS_FILE);
+    let mut bytes = fs::read(&initramfs).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
+    fs::write(&initramfs, &bytes).unwrap();
+    assert!(matches!(
+        image::verify_with(&dir, Some(&cache)),
+        Err(ImageError::DigestMismatch {
+            file: image::INITRAMFS_FILE,
             ..
         })
     ));

@@ -28,7 +28,7 @@ pub enum ImageCmd {
         /// Image name, e.g. `minimal`.
         #[arg(long)]
         name: String,
-        /// Directory holding vmlinuz and initramfs.cpio.gz.
+        /// Directory holding vmlinuz and initramfs.cpio.
         #[arg(long)]
         dir: PathBuf,
         #[arg(long)]

@@ -1,5 +1,5 @@
-//! Remembered SHA-256 digests of root disks, so `run` does not rehash
-//! 1.7 GiB before every boot.
+//! Remembered SHA-256 digests of image files, so `run` does not rehash a
+//! 1.7 GiB root disk (or a 30 MiB initramfs) before every boot.
 //!
 //! An entry says: the file at this path, with this (device, inode, size,
 //! mtime, ctime), hashed to this digest. [`verify`](super::verify_with)

@@ -14,8 +14,8 @@
 //! one) still hashes to its recorded digest (DESIGN invariant 1). There is
 //! no flag to skip either. A root disk that is present but not recorded is
 //! never booted: [`VerifiedImage::root_disk`] comes from the record only.
-//! The session may take the root disk's digest from a [`DigestCache`]
-//! ([`verify_with`]); that replaces reading the file while its `stat` is
+//! The session may take the files' digests from a [`DigestCache`]
+//! ([`verify_with`]); that replaces reading a file while its `stat` is
 //! unchanged, never the comparison with the record ([`digest_cache`]
 //! argues why it is safe).
 //!
@@ -39,7 +39,7 @@ pub use scan::{Allowlist, Finding, Location, Rule, ScanError, ScanReport};
 /// The kernel's file name inside an image directory.
 pub const KERNEL_FILE: &str = "vmlinuz";
 /// The initramfs's file name inside an image directory.
-pub const INITRAMFS_FILE: &str = "initramfs.cpio.gz";
+pub const INITRAMFS_FILE: &str = "initramfs.cpio";
 /// The root disk's file name inside an image directory (raw ext4, attached
 /// read-only).
 pub const ROOT_DISK_FILE: &str = "root.ext4";
@@ -394,18 +394,23 @@ fn dir_name(dir: &Path) -> String {
         .unwrap_or_else(|| dir.display().to_string())
 }
 
-/// The digest of a root disk, from `cache` when a fresh `stat` matches a
+/// The digest of an image file, from `cache` when a fresh `stat` matches a
 /// remembered one exactly ([`digest_cache`] says why that is safe), else
 /// by hashing it (and remembering the result when it may).
-fn root_disk_digest(name: &str, dir: &Path, cache: &DigestCache) -> Result<FileDigest, ImageError> {
+fn cached_digest(
+    name: &str,
+    dir: &Path,
+    file: &'static str,
+    cache: &DigestCache,
+) -> Result<FileDigest, ImageError> {
     use digest_cache::{Entry, FileStamp, now_ns, reusable, storable};
-    let path = dir.join(ROOT_DISK_FILE);
+    let path = dir.join(file);
     let stat = |path: &Path| match fs::metadata(path) {
         Ok(meta) => Ok(FileStamp::of(&meta)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Err(ImageError::Missing {
             name: name.to_string(),
             dir: dir.to_path_buf(),
-            file: ROOT_DISK_FILE,
+            file,
         }),
         Err(source) => Err(ImageError::Io {
             name: name.to_string(),
@@ -419,13 +424,13 @@ fn root_disk_digest(name: &str, dir: &Path, cache: &DigestCache) -> Result<FileD
         && reusable(&entry, &before)
     {
         return Ok(FileDigest {
-            file: ROOT_DISK_FILE.to_string(),
+            file: file.to_string(),
             sha256: entry.sha256,
             size: entry.size,
         });
     }
     let started = now_ns();
-    let fresh = digest(name, dir, ROOT_DISK_FILE)?;
+    let fresh = digest(name, dir, file)?;
     let after = stat(&path)?;
     if storable(&before, &after, started, cache.policy) && fresh.size == after.size {
         // A cache that cannot be written only costs the next run a hash.
@@ -448,8 +453,8 @@ pub fn verify(dir: &Path) -> Result<VerifiedImage, ImageError> {
     verify_with(dir, None)
 }
 
-/// [`verify`], taking the root disk's digest from `cache` when its `stat`
-/// is unchanged since it was last hashed (the session does this; `zerolease
+/// [`verify`], taking each file's digest from `cache` when its `stat` is
+/// unchanged since it was last hashed (the session does this; `zerolease
 /// image verify` always hashes everything).
 pub fn verify_with(dir: &Path, cache: Option<&DigestCache>) -> Result<VerifiedImage, ImageError> {
     let name = dir_name(dir);
@@ -480,8 +485,8 @@ pub fn verify_with(dir: &Path, cache: Option<&DigestCache>) -> Result<VerifiedIm
     for (file, recorded) in files {
         let Some(recorded) = recorded else { continue };
         let actual = match cache {
-            Some(cache) if file == ROOT_DISK_FILE => root_disk_digest(&name, dir, cache)?,
-            _ => digest(&name, dir, file)?,
+            Some(cache) => cached_digest(&name, dir, file, cache)?,
+            None => digest(&name, dir, file)?,
         };
         if recorded.file != file || actual.sha256 != recorded.sha256.to_ascii_lowercase() {
             return Err(ImageError::DigestMismatch {
@@ -508,7 +513,7 @@ pub fn verify_named(arg: &str, images: Option<&Path>) -> Result<VerifiedImage, I
     verify(&resolve(arg, &images_root(images))?)
 }
 
-/// [`verify_named`] with a root-disk digest cache ([`verify_with`]).
+/// [`verify_named`] with a digest cache ([`verify_with`]).
 pub fn verify_named_with(
     arg: &str,
     images: Option<&Path>,

@@ -559,7 +559,7 @@ pub fn scan_cpio(path: &Path) -> Result<ScanReport, ScanError> {
 }
 
 /// Scans a directory, a cpio archive, a single file, or an image directory (one holding
-/// `initramfs.cpio.gz`, of which only the initramfs is scanned: the kernel
+/// `initramfs.cpio`, of which only the initramfs is scanned: the kernel
 /// comes from a verified Debian package).
 pub fn scan_path(path: &Path) -> Result<ScanReport, ScanError> {
     let meta = fs::metadata(path).map_err(|source| ScanError::Io {
@@ -820,7 +820,8 @@ mod tests {
         ]);
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         io::Write::write_all(&mut gz, &archive).unwrap();
-        let path = dir.path().join("initramfs.cpio.gz");
+        // Compressed, under the image's own name: the reader goes by magic.
+        let path = dir.path().join(crate::image::INITRAMFS_FILE);
         fs::write(&path, gz.finish().unwrap()).unwrap();
         let r = scan_cpio(&path).unwrap();
         assert_eq!(r.files, 2);

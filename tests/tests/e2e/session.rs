@@ -522,13 +522,13 @@ fn a_tampered_image_is_refused_before_anything_is_built() {
     let src = zerolease::image::verify_named("minimal", None).unwrap().dir;
     let copy = images.path().join("minimal");
     std::fs::create_dir(&copy).unwrap();
-    for f in ["vmlinuz", "initramfs.cpio.gz", "image.json"] {
+    for f in ["vmlinuz", "initramfs.cpio", "image.json"] {
         std::fs::copy(src.join(f), copy.join(f)).unwrap();
     }
-    let mut bytes = std::fs::read(copy.join("initramfs.cpio.gz")).unwrap();
+    let mut bytes = std::fs::read(copy.join("initramfs.cpio")).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x40;
-    std::fs::write(copy.join("initramfs.cpio.gz"), bytes).unwrap();
+    std::fs::write(copy.join("initramfs.cpio"), bytes).unwrap();
 
     w.assert_image_refused_before_anything(images.path(), "does not match image.json");
 }
