@@ -174,6 +174,12 @@ impl Qmp {
             while let Some(item) = raw_events.next().await {
                 let event = match item {
                     Ok(event) => event,
+                    // QEMU exiting (quit, the guest powering off) resets
+                    // the socket: the end of the stream, not a fault.
+                    Err(err) if closed(&err) => {
+                        tracing::debug!(error = %err, "QMP stream closed by QEMU");
+                        break;
+                    }
                     Err(err) => {
                         // The codec stops after an undecodable line (for
                         // instance an event newer than the `qapi` schema);
@@ -260,9 +266,32 @@ impl Drop for Qmp {
     }
 }
 
+/// Whether a read error on the QMP socket only means QEMU went away.
+fn closed(err: &io::Error) -> bool {
+    matches!(
+        err.kind(),
+        io::ErrorKind::ConnectionReset | io::ErrorKind::UnexpectedEof | io::ErrorKind::BrokenPipe
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn qemu_going_away_is_told_apart_from_a_bad_line() {
+        for kind in [
+            io::ErrorKind::ConnectionReset,
+            io::ErrorKind::UnexpectedEof,
+            io::ErrorKind::BrokenPipe,
+        ] {
+            assert!(closed(&kind.into()), "{kind:?}");
+        }
+        assert!(!closed(&io::Error::new(
+            io::ErrorKind::InvalidData,
+            "unknown event"
+        )));
+    }
 
     fn parse(json: &str) -> VmEvent {
         let event: qmp::Event = serde_json::from_str(json).unwrap();
