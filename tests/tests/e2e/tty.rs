@@ -112,6 +112,23 @@ impl HostPty {
         }
     }
 
+    /// Waits for `run`'s hint that the session is interactive, then for the
+    /// guest's shell to answer; returns the session id the hint names.
+    fn joined_session(&mut self) -> String {
+        let text = self.wait_for("is interactive", Duration::from_secs(150));
+        let id = text
+            .split("session ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no session id in {text}"))
+            .to_owned();
+        // Markers are computed by the guest's shell, so the echo of what we
+        // type never matches them.
+        self.type_in(b"echo R$((40+2))Y\r");
+        self.wait_for("R42Y", Duration::from_secs(60));
+        id
+    }
+
     fn resize(&self, rows: u16, cols: u16) {
         let ws = winsize(rows, cols);
         // SAFETY: TIOCSWINSZ reads one `winsize` from a live local; the
@@ -164,17 +181,7 @@ fn an_interactive_session_gets_a_real_terminal_and_the_escape_ends_it() {
     let mut child = pty.spawn(cmd);
 
     // The hint names the session; then the guest's shell talks.
-    let text = pty.wait_for("is interactive", Duration::from_secs(150));
-    let id = text
-        .split("session ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no session id in {text}"))
-        .to_owned();
-    // Markers are computed by the guest's shell, so the echo of what we
-    // type never matches them.
-    pty.type_in(b"echo R$((40+2))Y\r");
-    pty.wait_for("R42Y", Duration::from_secs(60));
+    let id = pty.joined_session();
 
     // A real terminal, of the host window's size, with TERM passed on.
     pty.type_in(b"tty; test -t 0 && echo T$((6*7))T; echo TERM=$TERM.; stty size\r");
@@ -480,15 +487,7 @@ fn sigterm_ends_an_interactive_session_and_restores_the_terminal() {
         .arg(w.dir.path().join("session.yaml"))
         .env("ZEROLEASE_HOME", w.dir.path().join("home"));
     let mut child = pty.spawn(cmd);
-    let text = pty.wait_for("is interactive", Duration::from_secs(150));
-    let id = text
-        .split("session ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no session id in {text}"))
-        .to_owned();
-    pty.type_in(b"echo R$((40+2))Y\r");
-    pty.wait_for("R42Y", Duration::from_secs(60));
+    let id = pty.joined_session();
     assert!(
         !same(&pty.termios(), &before),
         "the terminal is not raw during the session"
