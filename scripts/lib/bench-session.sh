@@ -2,8 +2,9 @@
 # a tap, nftables). Everything happens in a network namespace it creates.
 #
 # Baseline: a bare QEMU boot of the same kernel and initramfs, with the same
-# machine, accelerator (TCG) and memory, straight to init — busybox powering
-# off at once — timed from spawn to exit. Against it: `zerolease run` of a
+# machine, accelerator (TCG), CPU model (`TCG_CPU` in supervisor/src/vm/argv.rs,
+# whose tests check this file) and memory, straight to init — busybox
+# powering off at once — timed from spawn to exit. Against it: `zerolease run` of a
 # session whose command is `true`, timed from the process start to each
 # phase from the session's own audit records (millisecond timestamps):
 # created (vault open, image verified), booting (leases granted), guest hello
@@ -66,7 +67,7 @@ run_session_bench() {
     local bare=() t0 t1
     for _ in $(seq "$bench_session_runs"); do
         t0=$(ms_now)
-        qemu-system-x86_64 -accel tcg -machine q35 -cpu max -m 512 -nodefaults -no-user-config \
+        qemu-system-x86_64 -accel tcg -machine q35 -cpu max,-erms,-fsrm -m 512 -nodefaults -no-user-config \
             -display none -no-reboot -serial none \
             -kernel "$img/vmlinuz" -initrd "$img/initramfs.cpio" \
             -append "console=ttyS0 quiet panic=-1 rdinit=/bin/busybox -- poweroff -f" >/dev/null 2>&1
