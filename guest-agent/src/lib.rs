@@ -55,9 +55,9 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
-/// A line on the guest's console, stamped with the guest's uptime (as the
-/// kernel stamps its own lines) so that a slow boot shows where the time
-/// went; unstamped before `/proc` is mounted.
+/// A line on the guest's console, stamped with the guest's uptime to the
+/// millisecond (the kernel stamps its own lines alike) so that a slow boot
+/// shows where the time went.
 pub(crate) fn log(line: &str) {
     match uptime() {
         Some(up) => eprintln!("zerolease-guest [{up}]: {line}"),
@@ -65,10 +65,11 @@ pub(crate) fn log(line: &str) {
     }
 }
 
-/// The first field of `/proc/uptime` (seconds, two decimals).
+/// Seconds since the guest booted, with three decimals: `CLOCK_BOOTTIME`,
+/// the clock behind `/proc/uptime`, readable before `/proc` is mounted.
 fn uptime() -> Option<String> {
-    let text = std::fs::read_to_string("/proc/uptime").ok()?;
-    text.split_whitespace().next().map(str::to_owned)
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).ok()?;
+    Some(format!("{}.{:03}", now.tv_sec(), now.tv_nsec() / 1_000_000))
 }
 
 /// This agent's version, sent in `Hello`.
