@@ -9,8 +9,9 @@
 # phase from the session's own audit records (millisecond timestamps):
 # created (vault open, image verified), booting (leases granted), guest hello
 # (jail, proxy, QEMU, kernel, guest agent up), command started (provisioned),
-# and teardown (stopping to destroyed). The supervisor's overhead is the time
-# to the command minus the bare boot. Inside that overhead, the guest's own
+# and teardown (stopping to destroyed). Bare boots and sessions alternate;
+# the supervisor's overhead is the median, over the pairs, of a session's
+# time to the command minus the bare boot just before it. Inside that overhead, the guest's own
 # share comes from the uptime stamps the guest agent writes to the console
 # (kept as sessions/<id>/console.log): its boot (init to the control port
 # open: modules, network) and provisioning (control port to the agent
@@ -63,18 +64,6 @@ run_session_bench() {
     ip -n "$ns" link set lo up
     trap 'ip netns del "'"$ns"'" 2>/dev/null; rm -rf "'"$tmp"'"' EXIT
 
-    log "baseline: bare QEMU boot of the same kernel and initramfs to init ($bench_session_runs runs)"
-    local bare=() t0 t1
-    for _ in $(seq "$bench_session_runs"); do
-        t0=$(ms_now)
-        qemu-system-x86_64 -accel tcg -machine q35 -cpu max,-erms,-fsrm -m 512 -nodefaults -no-user-config \
-            -display none -no-reboot -serial none \
-            -kernel "$img/vmlinuz" -initrd "$img/initramfs.cpio" \
-            -append "console=ttyS0 quiet panic=-1 rdinit=/bin/busybox -- poweroff -f" >/dev/null 2>&1
-        t1=$(ms_now)
-        bare+=($((t1 - t0)))
-    done
-
     export ZEROLEASE_HOME="$tmp/home"
     cat >"$tmp/bench.yaml" <<EOM
 name: bench
@@ -83,9 +72,21 @@ accel: tcg
 resources: { memory: 512MiB }
 command: ["true"]
 EOM
-    log "zerolease run, command \`true\` ($bench_session_runs runs)"
-    local to_cmd=() teardown=() hello=() provision=() prep=() g_boot=() g_prov=() id start console
+    # Bare boots and sessions alternate, and each session is compared with
+    # the bare boot just before it: a drift of the machine's speed during
+    # the benchmark (the bare boot alone varies by ±300 ms from minute to
+    # minute here) then shifts both sides of each pair alike.
+    log "bare QEMU boot of the same kernel and initramfs to init, then \`zerolease run\` of \`true\`, alternating ($bench_session_runs pairs)"
+    local bare=() to_cmd=() teardown=() hello=() provision=() prep=() g_boot=() g_prov=() id start console t0 t1
     for _ in $(seq "$bench_session_runs"); do
+        t0=$(ms_now)
+        qemu-system-x86_64 -accel tcg -machine q35 -cpu max,-erms,-fsrm -m 512 -nodefaults -no-user-config \
+            -display none -no-reboot -serial none \
+            -kernel "$img/vmlinuz" -initrd "$img/initramfs.cpio" \
+            -append "console=ttyS0 quiet panic=-1 rdinit=/bin/busybox -- poweroff -f" >/dev/null 2>&1
+        t1=$(ms_now)
+        bare+=($((t1 - t0)))
+
         start=$(ms_now)
         ip netns exec "$ns" "$zl" run "$tmp/bench.yaml" >/dev/null 2>&1 || die "the benchmark session failed"
         id=$("$zl" --json audit ls | jq -r '[.[] | select(.event == "session_transition")] | last | .session')
@@ -136,23 +137,26 @@ EOM
     done
     wait "$runpid" || true
 
+    # Pair by pair: each session against the bare boot just before it.
+    local over=() rest=() i
+    for i in "${!to_cmd[@]}"; do
+        over+=($((to_cmd[i] - bare[i])))
+        rest+=($((to_cmd[i] - bare[i] - g_boot[i] - g_prov[i])))
+    done
+    log "pairs (bare boot / session to the command, ms): $(for i in "${!to_cmd[@]}"; do printf '%s/%s ' "${bare[i]}" "${to_cmd[i]}"; done)"
     if [ ${#json[@]} -eq 0 ]; then
         printf '%-36s %10s %-4s %-26s %10s %8s\n' metric value unit baseline value ratio
     fi
     emit session_time_to_command "$cmd_m" ms bare_qemu_boot_to_init "$bare_m"
-    emit session_overhead_over_bare_boot "$((cmd_m - bare_m))" ms bare_qemu_boot_to_init "$bare_m"
+    emit session_overhead_over_bare_boot "$(median "${over[@]}")" ms bare_qemu_boot_to_init "$bare_m"
     emit session_phase_prepare "$(median "${prep[@]}")" ms bare_qemu_boot_to_init "$bare_m"
     emit session_phase_boot_to_hello "$(median "${hello[@]}")" ms bare_qemu_boot_to_init "$bare_m"
     emit session_phase_provision "$(median "${provision[@]}")" ms bare_qemu_boot_to_init "$bare_m"
     emit session_guest_agent_boot "$(median "${g_boot[@]}")" ms bare_qemu_boot_to_init "$bare_m"
     emit session_guest_provision "$(median "${g_prov[@]}")" ms bare_qemu_boot_to_init "$bare_m"
     # What is left of the overhead once the guest agent's own (emulated)
-    # work is taken out, run by run: the host side (vault, image check,
+    # work is taken out, pair by pair: the host side (vault, image check,
     # jail, proxy, QEMU's extra devices, the protocol's round trips).
-    local rest=() i
-    for i in "${!to_cmd[@]}"; do
-        rest+=($((to_cmd[i] - bare_m - g_boot[i] - g_prov[i])))
-    done
     emit session_overhead_outside_guest_agent "$(median "${rest[@]}")" ms bare_qemu_boot_to_init "$bare_m"
     emit session_teardown "$(median "${teardown[@]}")" ms bare_qemu_boot_to_init "$bare_m"
     emit session_supervisor_rss_idle "$rss" KiB qemu_rss_idle "$qrss"
