@@ -2,25 +2,29 @@
 # a tap, nftables). Everything happens in a network namespace it creates.
 #
 # Baseline: a bare QEMU boot of the same kernel and initramfs, with the same
-# machine, accelerator (TCG), CPU model (`TCG_CPU` in supervisor/src/vm/argv.rs,
-# whose tests check this file) and memory, straight to init — busybox
-# powering off at once — timed from spawn to exit. Against it: `zerolease run` of a
-# session whose command is `true`, timed from the process start to each
-# phase from the session's own audit records (millisecond timestamps):
-# created (vault open, image verified), booting (leases granted), guest hello
-# (jail, proxy, QEMU, kernel, guest agent up), command started (provisioned),
-# and teardown (stopping to destroyed). Bare boots and sessions alternate;
-# the supervisor's overhead is the median, over the pairs, of a session's
-# time to the command minus the bare boot just before it. Inside that overhead, the guest's own
-# share comes from the uptime stamps the guest agent writes to the console
-# (kept as sessions/<id>/console.log): its boot (init to the control port
-# open: modules, network) and provisioning (control port to the agent
-# command started, including the host's answer), both emulated by TCG;
-# the overhead without them is reported too.
-# Memory: the RSS of `zerolease run` while its session idles (QEMU, which
-# holds the guest's RAM, not counted).
+# machine, accelerator (TCG), CPU model (`TCG_CPU` in
+# supervisor/src/vm/argv.rs, whose tests check this file) and memory,
+# straight to init (busybox powering off at once), timed from spawn to exit.
+#
+# Against it: `zerolease run` of a session whose command is `true`, timed
+# from the process start to each phase from the session's own audit records
+# (millisecond timestamps): created (vault open, image verified), booting
+# (leases granted), guest hello (jail, proxy, QEMU, kernel, guest agent up),
+# command started (provisioned), and teardown (stopping to destroyed).
+# The session's report adds the jail's time and the boot phase (QEMU's spawn
+# to the hello); the guest agent's console stamps (guest uptime, kept as
+# sessions/<id>/console.log) split that boot into QEMU's start (before the
+# guest kernel's clock starts), the kernel (to init), and the guest agent's
+# own boot (modules, network, control port); its provisioning runs from the
+# control port to the agent command started, the host's answer included.
+#
+# Bare boots and sessions alternate. The supervisor's overhead is the
+# median, over the pairs, of a session's time to the command minus the bare
+# boot just before it; the same less the guest agent's own (emulated) work
+# is reported too. Memory: the RSS of `zerolease run` while its session
+# idles (QEMU, which holds the guest's RAM, not counted).
 
-bench_session_runs=${ZEROLEASE_BENCH_SESSION_RUNS:-5}
+bench_session_runs=${ZEROLEASE_BENCH_SESSION_RUNS:-7}
 
 # guest_ms CONSOLE_LOG FROM TO: milliseconds of guest uptime between the
 # guest agent's console lines containing FROM and TO (empty if missing).
@@ -32,6 +36,15 @@ guest_ms() {
             if (b == "" && index($0, to)) b = t
         }
         END { if (a != "" && b != "") printf "%d\n", (b - a) * 1000 + 0.5 }' "$1"
+}
+
+# guest_at CONSOLE_LOG TEXT: the guest's uptime in milliseconds at the
+# guest agent's first console line containing TEXT (empty if missing).
+guest_at() {
+    awk -v what="$2" '
+        /^zerolease-guest \[/ && index($0, what) {
+            t = $2; gsub(/[\[\]:]/, "", t); printf "%d\n", t * 1000 + 0.5; exit
+        }' "$1"
 }
 
 ms_now() { echo $(( $(date +%s%N) / 1000000 )); }
@@ -78,6 +91,7 @@ EOM
     # minute here) then shifts both sides of each pair alike.
     log "bare QEMU boot of the same kernel and initramfs to init, then \`zerolease run\` of \`true\`, alternating ($bench_session_runs pairs)"
     local bare=() to_cmd=() teardown=() hello=() provision=() prep=() g_boot=() g_prov=() id start console t0 t1
+    local jail=() qemu=() kernel=()
     for _ in $(seq "$bench_session_runs"); do
         t0=$(ms_now)
         qemu-system-x86_64 -accel tcg -machine q35 -cpu max,-erms,-fsrm -m 512 -nodefaults -no-user-config \
@@ -110,6 +124,17 @@ EOM
         [ -n "$gb" ] && [ -n "$gp" ] || die "no guest agent timings in $console"
         g_boot+=("$gb")
         g_prov+=("$gp")
+        # The boot phase runs from QEMU's spawn to the hello, which the guest
+        # sends right after its "control port open" line: less the guest's
+        # uptime then, it is QEMU's start (firmware and kernel loading
+        # included) before the guest kernel's clock starts.
+        local report="$ZEROLEASE_HOME/sessions/$id/report.json" boot_ms port_at started_at
+        boot_ms=$(jq '.durations.phases[] | select(.phase == "boot") | .seconds * 1000 | round' "$report")
+        port_at=$(guest_at "$console" ": control port open")
+        started_at=$(guest_at "$console" ": started")
+        jail+=("$(jq '.durations.phases[] | select(.phase == "jail") | .seconds * 1000 | round' "$report")")
+        qemu+=($((boot_ms - port_at)))
+        kernel+=("$started_at")
     done
     local bare_m cmd_m
     bare_m=$(median "${bare[@]}")
@@ -150,7 +175,10 @@ EOM
     emit session_time_to_command "$cmd_m" ms bare_qemu_boot_to_init "$bare_m"
     emit session_overhead_over_bare_boot "$(median "${over[@]}")" ms bare_qemu_boot_to_init "$bare_m"
     emit session_phase_prepare "$(median "${prep[@]}")" ms bare_qemu_boot_to_init "$bare_m"
+    emit session_phase_jail "$(median "${jail[@]}")" ms bare_qemu_boot_to_init "$bare_m"
     emit session_phase_boot_to_hello "$(median "${hello[@]}")" ms bare_qemu_boot_to_init "$bare_m"
+    emit session_phase_qemu_start "$(median "${qemu[@]}")" ms bare_qemu_boot_to_init "$bare_m"
+    emit session_phase_kernel_to_init "$(median "${kernel[@]}")" ms bare_qemu_boot_to_init "$bare_m"
     emit session_phase_provision "$(median "${provision[@]}")" ms bare_qemu_boot_to_init "$bare_m"
     emit session_guest_agent_boot "$(median "${g_boot[@]}")" ms bare_qemu_boot_to_init "$bare_m"
     emit session_guest_provision "$(median "${g_prov[@]}")" ms bare_qemu_boot_to_init "$bare_m"
