@@ -29,9 +29,10 @@ pub enum FrontEnd {
 /// How a tunnel ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TunnelEnd {
-    /// The client closed (or half-closed first and the upstream followed).
+    /// The client closed (or half-closed first and the upstream followed);
+    /// a reset from the client counts as its close.
     ClientClosed,
-    /// The upstream closed first.
+    /// The upstream closed first (a reset too).
     UpstreamClosed,
     /// Its entry or session was revoked.
     Revoked,
@@ -41,7 +42,7 @@ pub enum TunnelEnd {
     IdleTimeout,
     /// The proxy itself was shut down.
     Shutdown,
-    /// A read or write failed.
+    /// A read or write failed other than by a side going away.
     Error,
 }
 

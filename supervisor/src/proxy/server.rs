@@ -655,9 +655,9 @@ async fn copy_loop(
             };
             match (r, closed_by) {
                 (Ok(_), closed_by) => closed_by.unwrap_or(TunnelEnd::ClientClosed),
-                // A side that closed and then went away without reading
-                // what was still on its way resets the next write: the
-                // tunnel ended with that close, not in error.
+                // A side that reset the connection (closed with unread
+                // data, or closed and then got more), or whose peer did:
+                // the tunnel ended with that side's close, not in error.
                 (Err(e), Some(closed_by)) if gone(&e) => closed_by,
                 (Err(_), _) => TunnelEnd::Error,
             }
@@ -709,11 +709,17 @@ async fn pump(
             }) {
                 Ok(n) => break n,
                 Err(e) if retry(&e) => continue,
-                Err(e) => return Err(e),
+                Err(e) => {
+                    // Reset by this side's peer: its (abortive) close.
+                    if gone(&e) {
+                        closed(first, me);
+                    }
+                    return Err(e);
+                }
             }
         };
         if n == 0 {
-            let _ = first.compare_exchange(FIRST_NONE, me, Ordering::Relaxed, Ordering::Relaxed);
+            closed(first, me);
             // Half-close: pass the EOF on, keep the other direction open.
             // NotConnected means the peer is already gone (as tokio's own
             // shutdown treats it): nothing left to tell it.
@@ -730,11 +736,32 @@ async fn pump(
             }) {
                 Ok(m) => left -= m,
                 Err(e) if retry(&e) => continue,
-                Err(e) => return Err(e),
+                Err(e) => {
+                    // The other side's peer is gone: its close, unless a
+                    // side closed before.
+                    if gone(&e) {
+                        closed(first, other(me));
+                    }
+                    return Err(e);
+                }
             }
         }
         count.fetch_add(n as u64, Ordering::Relaxed);
         last_ms.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Records that side `me` closed, unless a side closed before.
+fn closed(first: &AtomicU8, me: u8) {
+    let _ = first.compare_exchange(FIRST_NONE, me, Ordering::Relaxed, Ordering::Relaxed);
+}
+
+/// The side across the tunnel from `me`.
+fn other(me: u8) -> u8 {
+    if me == FIRST_CLIENT {
+        FIRST_UPSTREAM
+    } else {
+        FIRST_CLIENT
     }
 }
 
@@ -870,6 +897,59 @@ mod tests {
         assert_eq!(rec.end, TunnelEnd::ClientClosed);
         shutdown.cancel();
         server.await.unwrap();
+    }
+
+    /// A side that resets the connection instead of closing it (it closed
+    /// with unread data, or with SO_LINGER 0) ended the tunnel: recorded
+    /// as that side's close, client or upstream, not as an error.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_side_that_resets_is_recorded_as_that_sides_close() {
+        for client_resets in [true, false] {
+            let up = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let up_addr = up.local_addr().unwrap();
+            let (reset_tx, reset_rx) = tokio::sync::oneshot::channel::<()>();
+            let upstream = tokio::spawn(async move {
+                let (mut s, _) = up.accept().await.unwrap();
+                let mut request = [0u8; 7];
+                s.read_exact(&mut request).await.unwrap();
+                s.write_all(b"response").await.unwrap();
+                if client_resets {
+                    // Stays open until the proxy closes its side.
+                    let mut rest = Vec::new();
+                    let _ = s.read_to_end(&mut rest).await;
+                } else {
+                    let _ = reset_rx.await;
+                    socket2::SockRef::from(&s)
+                        .set_linger(Some(Duration::ZERO))
+                        .unwrap();
+                    drop(s);
+                }
+            });
+            let (mut c, events, shutdown, server) = proxied(up_addr).await;
+            c.write_all(b"request").await.unwrap();
+            let mut response = [0u8; 8];
+            c.read_exact(&mut response).await.unwrap();
+            assert_eq!(&response, b"response");
+            if client_resets {
+                socket2::SockRef::from(&c)
+                    .set_linger(Some(Duration::ZERO))
+                    .unwrap();
+                drop(c);
+            } else {
+                reset_tx.send(()).unwrap();
+            }
+            let rec = ended(&events).await;
+            let expected = if client_resets {
+                TunnelEnd::ClientClosed
+            } else {
+                TunnelEnd::UpstreamClosed
+            };
+            assert_eq!(rec.end, expected, "client resets: {client_resets}: {rec:?}");
+            assert_eq!((rec.bytes_up, rec.bytes_down), (7, 8));
+            upstream.await.unwrap();
+            shutdown.cancel();
+            server.await.unwrap();
+        }
     }
 
     /// A client that closes its side and goes away while the upstream is
