@@ -140,9 +140,6 @@ where
     // Bounded, so an agent printing faster than the host reads is slowed
     // down (its pipe fills) instead of growing this process's memory.
     let (tx, rx) = mpsc::sync_channel::<Event>(EVENT_QUEUE);
-    let host_tx = tx.clone();
-    std::thread::spawn(move || read_host(reader, &host_tx));
-
     let mut state = State {
         provisioned: None,
         agent_running: false,
@@ -152,30 +149,19 @@ where
         tty_master: None,
         workspace: None,
     };
+    // The host's next message is normally `Provision`. It is handled before
+    // the reader thread exists, so the agent command does not wait for that
+    // thread to be made (a process's first thread costs an emulated guest
+    // about 20 ms).
+    let first = loop {
+        if let Some(event) = next_event(&mut reader) {
+            break event;
+        }
+    };
+    let mut step = on_event(first, &mut state, config, &tx, &mut writer);
+    let host_tx = tx.clone();
+    std::thread::spawn(move || read_host(reader, &host_tx));
     let outcome = loop {
-        let Ok(event) = rx.recv() else {
-            break Outcome::HostGone;
-        };
-        let step = match event {
-            Event::Host(message) => on_host(message, &mut state, config, &tx, &mut writer),
-            Event::HostGone => Ok(Some(Outcome::HostGone)),
-            Event::Agent(AgentEvent::Output(stream, data)) => writer
-                .write_message(&GuestMessage::Output {
-                    stream,
-                    data: Bytes(data),
-                })
-                .map(|()| None),
-            Event::Agent(AgentEvent::Exited { code, signal }) => {
-                state.agent_running = false;
-                if let Some(ws) = state.workspace.take() {
-                    collect_workspace(&ws, &config.proc_root);
-                }
-                writer
-                    .write_message(&GuestMessage::Exited { code, signal })
-                    .map(|()| None)
-            }
-            Event::Credential(ask) => on_credential(ask, &mut state, &mut writer).map(|()| None),
-        };
         match step {
             Ok(None) => {}
             Ok(Some(outcome)) => break outcome,
@@ -184,6 +170,10 @@ where
                 break Outcome::HostGone;
             }
         }
+        let Ok(event) = rx.recv() else {
+            break Outcome::HostGone;
+        };
+        step = on_event(event, &mut state, config, &tx, &mut writer);
     };
     if let Some(done) = &state.provisioned
         && outcome != Outcome::RevokeFailed
@@ -198,29 +188,66 @@ where
     Ok(outcome)
 }
 
+/// One turn of the main loop.
+fn on_event<W: Write>(
+    event: Event,
+    state: &mut State,
+    config: &AgentConfig,
+    tx: &mpsc::SyncSender<Event>,
+    writer: &mut FrameWriter<W>,
+) -> Result<Option<Outcome>, WriteError> {
+    match event {
+        Event::Host(message) => on_host(message, state, config, tx, writer),
+        Event::HostGone => Ok(Some(Outcome::HostGone)),
+        Event::Agent(AgentEvent::Output(stream, data)) => writer
+            .write_message(&GuestMessage::Output {
+                stream,
+                data: Bytes(data),
+            })
+            .map(|()| None),
+        Event::Agent(AgentEvent::Exited { code, signal }) => {
+            state.agent_running = false;
+            if let Some(ws) = state.workspace.take() {
+                collect_workspace(&ws, &config.proc_root);
+            }
+            writer
+                .write_message(&GuestMessage::Exited { code, signal })
+                .map(|()| None)
+        }
+        Event::Credential(ask) => on_credential(ask, state, writer).map(|()| None),
+    }
+}
+
+/// The next message from the host as an event: `None` for a malformed one
+/// (logged and dropped: a whole frame was read, so the stream is still in
+/// step), `HostGone` once the channel ends or breaks.
+fn next_event<R: Read>(reader: &mut FrameReader<R>) -> Option<Event> {
+    match reader.read_message::<HostMessage>() {
+        Ok(message) => Some(Event::Host(message)),
+        Err(ReadError::Decode(err)) => {
+            log(&format!(
+                "ignoring a malformed host message: {}",
+                chain(&err)
+            ));
+            None
+        }
+        Err(ReadError::Frame(err)) => {
+            if !err.is_closed() {
+                log(&format!("control channel failed: {}", chain(&err)));
+            }
+            Some(Event::HostGone)
+        }
+    }
+}
+
 fn read_host<R: Read>(mut reader: FrameReader<R>, tx: &mpsc::SyncSender<Event>) {
     loop {
-        match reader.read_message::<HostMessage>() {
-            Ok(message) => {
-                if tx.send(Event::Host(message)).is_err() {
-                    return;
-                }
-            }
-            // A whole frame was read, so the stream is still in step: drop
-            // the bad message and go on.
-            Err(ReadError::Decode(err)) => {
-                log(&format!(
-                    "ignoring a malformed host message: {}",
-                    chain(&err)
-                ));
-            }
-            Err(ReadError::Frame(err)) => {
-                if !err.is_closed() {
-                    log(&format!("control channel failed: {}", chain(&err)));
-                }
-                let _ = tx.send(Event::HostGone);
-                return;
-            }
+        let Some(event) = next_event(&mut reader) else {
+            continue;
+        };
+        let gone = matches!(event, Event::HostGone);
+        if tx.send(event).is_err() || gone {
+            return;
         }
     }
 }
@@ -244,13 +271,26 @@ fn on_host<W: Write>(
                 return Ok(None);
             }
             match start(&spec, config, tx) {
-                Ok((done, pid, ws, master)) => {
-                    state.provisioned = Some(done);
-                    state.workspace = ws;
-                    state.tty_master = master;
+                Ok(launched) => {
+                    let pid = launched.agent.pid();
+                    state.provisioned = Some(launched.done);
+                    state.workspace = launched.workspace;
+                    state.tty_master = launched.tty_master;
                     state.agent_running = true;
-                    writer.write_message(&GuestMessage::Provisioned {})?;
-                    writer.write_message(&GuestMessage::Started { pid })?;
+                    let told = writer
+                        .write_message(&GuestMessage::Provisioned {})
+                        .and_then(|()| writer.write_message(&GuestMessage::Started { pid }));
+                    // The command runs already: its output relay and the
+                    // credential helper's server start once the host knows.
+                    launched.agent.relay();
+                    let (listener, policy) = launched.credentials;
+                    let ask_tx = tx.clone();
+                    std::thread::spawn(move || {
+                        credential::serve(listener, policy, move |ask| {
+                            ask_tx.send(Event::Credential(ask)).is_ok()
+                        });
+                    });
+                    told?;
                 }
                 Err(reason) => {
                     writer.write_message(&GuestMessage::ProvisionFailed { reason })?;
@@ -340,19 +380,21 @@ fn on_credential<W: Write>(
 /// Provisions and starts the agent; on failure, the reason for
 /// `ProvisionFailed` (nothing is left written). Returns the pty master too
 /// when the agent is interactive.
+/// What [`start`] leaves behind: the agent running (its output not relayed
+/// yet) and the credential helper's socket bound (not served yet).
+struct Launched {
+    done: Provisioned,
+    agent: run::Spawned,
+    credentials: (std::os::unix::net::UnixListener, ServerPolicy),
+    workspace: Option<workspace::Prepared>,
+    tty_master: Option<std::os::fd::OwnedFd>,
+}
+
 fn start(
     spec: &Provision,
     config: &AgentConfig,
     tx: &mpsc::SyncSender<Event>,
-) -> Result<
-    (
-        Provisioned,
-        u32,
-        Option<workspace::Prepared>,
-        Option<std::os::fd::OwnedFd>,
-    ),
-    String,
-> {
+) -> Result<Launched, String> {
     let spec = &with_term(spec);
     let done = provision::provision(&config.layout, spec, &config.helper_command)
         .map_err(|err| reason(&err))?;
@@ -368,12 +410,6 @@ fn start(
         hosts: done.credential_hosts.clone(),
         timeout: config.credential_timeout,
     };
-    let ask_tx = tx.clone();
-    std::thread::spawn(move || {
-        credential::serve(listener, policy, move |ask| {
-            ask_tx.send(Event::Credential(ask)).is_ok()
-        });
-    });
     let ws = match &spec.workspace {
         Some(ws) => Some(
             workspace::prepare(&config.layout, ws, &done.user)
@@ -402,7 +438,7 @@ fn start(
         }
     };
     let agent_tx = tx.clone();
-    let pid = run::spawn_io(
+    let agent = run::spawn_io(
         &spec.command,
         &done.env,
         &done.user,
@@ -414,8 +450,17 @@ fn start(
         },
     )
     .map_err(|err| undo(reason(&err)))?;
-    crate::log(&format!("provisioned; the agent command runs as pid {pid}"));
-    Ok((done, pid, ws, master))
+    crate::log(&format!(
+        "provisioned; the agent command runs as pid {}",
+        agent.pid()
+    ));
+    Ok(Launched {
+        done,
+        agent,
+        credentials: (listener, policy),
+        workspace: ws,
+        tty_master: master,
+    })
 }
 
 /// After the agent's exit, before `Exited`: stops whatever the agent left

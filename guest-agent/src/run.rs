@@ -16,7 +16,7 @@ use std::io::{self, Read};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -106,12 +106,39 @@ pub fn spawn(
     user: &User,
     workdir: &Path,
     reaping: Reaping,
-    sink: impl Fn(AgentEvent) + Send + Sync + Clone + 'static,
+    sink: impl Fn(AgentEvent) + Send + Sync + 'static,
 ) -> Result<u32, SpawnError> {
-    spawn_io(command, env, user, workdir, reaping, AgentIo::Pipes, sink)
+    let spawned = spawn_io(command, env, user, workdir, reaping, AgentIo::Pipes, sink)?;
+    let pid = spawned.pid();
+    spawned.relay();
+    Ok(pid)
 }
 
-/// Like [`spawn`], with the standard streams connected as `io` says.
+/// An agent command that runs (its `exec` succeeded) but whose output is
+/// not relayed yet, nor its exit waited for: [`Spawned::relay`] starts the
+/// threads that do both. Split from [`spawn_io`] so that the host hears
+/// `Started` before those threads exist — each costs an emulated guest a few
+/// milliseconds, and the command is running already. Meanwhile its output
+/// waits in the pipes.
+#[must_use = "relay() reports the agent's output and exit"]
+pub struct Spawned {
+    child: Child,
+    pty_drained: Option<mpsc::Receiver<()>>,
+    reaping: Reaping,
+    sink: Arc<dyn Fn(AgentEvent) + Send + Sync>,
+}
+
+impl std::fmt::Debug for Spawned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spawned")
+            .field("pid", &self.child.id())
+            .field("reaping", &self.reaping)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Like [`spawn`], with the standard streams connected as `io` says, and
+/// the relaying left to [`Spawned::relay`].
 pub fn spawn_io(
     command: &[String],
     env: &AgentEnv,
@@ -119,8 +146,8 @@ pub fn spawn_io(
     workdir: &Path,
     reaping: Reaping,
     io: AgentIo,
-    sink: impl Fn(AgentEvent) + Send + Sync + Clone + 'static,
-) -> Result<u32, SpawnError> {
+    sink: impl Fn(AgentEvent) + Send + Sync + 'static,
+) -> Result<Spawned, SpawnError> {
     let (program, args) = command.split_first().ok_or(SpawnError::EmptyCommand)?;
     let spawn_err = |source| SpawnError::Spawn {
         program: program.clone(),
@@ -163,56 +190,78 @@ pub fn spawn_io(
             drop_privileges(uid, gid, &workdir_c)
         });
     }
-    let mut child = cmd.spawn().map_err(spawn_err)?;
+    let child = cmd.spawn().map_err(spawn_err)?;
     // Our copies of the pty slave must go, or the master never reads EIO.
     drop(cmd);
-    let pid = child.id();
-    let (drained_tx, drained_rx) = mpsc::channel();
-    let readers = [
-        child
-            .stdout
-            .take()
-            .map(|r| (OutputStream::Stdout, Box::new(r) as Box<dyn Read + Send>)),
-        child
-            .stderr
-            .take()
-            .map(|r| (OutputStream::Stderr, Box::new(r) as Box<dyn Read + Send>)),
-    ];
-    let mut pipes = 0;
-    for (stream, reader) in readers.into_iter().flatten() {
-        pipes += 1;
-        let sink = sink.clone();
-        let drained = drained_tx.clone();
-        std::thread::spawn(move || {
-            relay(stream, reader, &sink);
-            let _ = drained.send(());
-        });
+    Ok(Spawned {
+        child,
+        pty_drained,
+        reaping,
+        sink: Arc::new(sink),
+    })
+}
+
+impl Spawned {
+    /// The agent's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
-    if let Some(pty) = pty_drained {
-        pipes += 1;
-        let drained = drained_tx.clone();
+
+    /// Starts relaying the agent's output to the sink and waiting for its
+    /// exit, which arrives as [`AgentEvent::Exited`] after the output.
+    pub fn relay(self) {
+        let Spawned {
+            mut child,
+            pty_drained,
+            reaping,
+            sink,
+        } = self;
+        let (drained_tx, drained_rx) = mpsc::channel();
+        let readers = [
+            child
+                .stdout
+                .take()
+                .map(|r| (OutputStream::Stdout, Box::new(r) as Box<dyn Read + Send>)),
+            child
+                .stderr
+                .take()
+                .map(|r| (OutputStream::Stderr, Box::new(r) as Box<dyn Read + Send>)),
+        ];
+        let mut pipes = 0;
+        for (stream, reader) in readers.into_iter().flatten() {
+            pipes += 1;
+            let sink = sink.clone();
+            let drained = drained_tx.clone();
+            std::thread::spawn(move || {
+                relay(stream, reader, &*sink);
+                let _ = drained.send(());
+            });
+        }
+        if let Some(pty) = pty_drained {
+            pipes += 1;
+            let drained = drained_tx.clone();
+            std::thread::spawn(move || {
+                let _ = pty.recv();
+                let _ = drained.send(());
+            });
+        }
+        drop(drained_tx);
         std::thread::spawn(move || {
-            let _ = pty.recv();
-            let _ = drained.send(());
-        });
-    }
-    drop(drained_tx);
-    std::thread::spawn(move || {
-        let status = wait(child, reaping);
-        let deadline = Instant::now() + DRAIN_TIMEOUT;
-        for _ in 0..pipes {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if drained_rx.recv_timeout(left).is_err() {
-                break;
+            let status = wait(child, reaping);
+            let deadline = Instant::now() + DRAIN_TIMEOUT;
+            for _ in 0..pipes {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if drained_rx.recv_timeout(left).is_err() {
+                    break;
+                }
             }
-        }
-        let (code, signal) = exit_fields(status);
-        sink(AgentEvent::Exited { code, signal });
-        if reaping == Reaping::All {
-            reap_orphans_forever();
-        }
-    });
-    Ok(pid)
+            let (code, signal) = exit_fields(status);
+            sink(AgentEvent::Exited { code, signal });
+            if reaping == Reaping::All {
+                reap_orphans_forever();
+            }
+        });
+    }
 }
 
 /// Runs in the child between fork and exec, before dropping privileges:
@@ -254,7 +303,7 @@ fn drop_privileges(uid: u32, gid: u32, workdir: &std::ffi::CStr) -> io::Result<(
     Ok(())
 }
 
-fn relay(stream: OutputStream, mut reader: Box<dyn Read + Send>, sink: &impl Fn(AgentEvent)) {
+fn relay(stream: OutputStream, mut reader: Box<dyn Read + Send>, sink: &dyn Fn(AgentEvent)) {
     let mut buf = vec![0u8; OUTPUT_CHUNK];
     loop {
         match reader.read(&mut buf) {
