@@ -2,8 +2,9 @@
 # a tap, nftables). Everything happens in a network namespace it creates.
 #
 # Baseline: a bare QEMU boot of the same kernel and initramfs, with the same
-# machine, accelerator (TCG), CPU model (`TCG_CPU` in
-# supervisor/src/vm/argv.rs, whose tests check this file) and memory,
+# machine, accelerator (TCG), CPU model and firmware (`TCG_CPU` and
+# `DIRECT_BOOT_FIRMWARE` in supervisor/src/vm/argv.rs, whose tests check this
+# file) and memory,
 # straight to init (busybox powering off at once), timed from spawn to exit.
 #
 # Against it: `zerolease run` of a session whose command is `true`, timed
@@ -95,7 +96,7 @@ EOM
     for _ in $(seq "$bench_session_runs"); do
         t0=$(ms_now)
         qemu-system-x86_64 -accel tcg -machine q35 -cpu max,-erms,-fsrm -m 512 -nodefaults -no-user-config \
-            -display none -no-reboot -serial none \
+            -display none -no-reboot -serial none -bios qboot.rom \
             -kernel "$img/vmlinuz" -initrd "$img/initramfs.cpio" \
             -append "console=ttyS0 quiet panic=-1 rdinit=/bin/busybox -- poweroff -f" >/dev/null 2>&1
         t1=$(ms_now)
