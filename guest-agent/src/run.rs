@@ -97,23 +97,6 @@ pub enum AgentIo {
     },
 }
 
-/// Starts `command` as `user` in `workdir` (a path on this machine) with
-/// exactly `env`; output and the exit status arrive through `sink`, in
-/// order. Returns the agent's pid.
-pub fn spawn(
-    command: &[String],
-    env: &AgentEnv,
-    user: &User,
-    workdir: &Path,
-    reaping: Reaping,
-    sink: impl Fn(AgentEvent) + Send + Sync + 'static,
-) -> Result<u32, SpawnError> {
-    let spawned = spawn_io(command, env, user, workdir, reaping, AgentIo::Pipes, sink)?;
-    let pid = spawned.pid();
-    spawned.relay();
-    Ok(pid)
-}
-
 /// An agent command that runs (its `exec` succeeded) but whose output is
 /// not relayed yet, nor its exit waited for: [`Spawned::relay`] starts the
 /// threads that do both. Split from [`spawn_io`] so that the host hears
@@ -137,8 +120,10 @@ impl std::fmt::Debug for Spawned {
     }
 }
 
-/// Like [`spawn`], with the standard streams connected as `io` says, and
-/// the relaying left to [`Spawned::relay`].
+/// Starts `command` as `user` in `workdir` (a path on this machine) with
+/// exactly `env` and the standard streams connected as `io` says. Once
+/// [`Spawned::relay`] runs, output and the exit status arrive through
+/// `sink`, in order.
 pub fn spawn_io(
     command: &[String],
     env: &AgentEnv,
@@ -281,7 +266,7 @@ fn take_terminal() -> io::Result<()> {
     Ok(())
 }
 
-/// Runs in the child between fork and exec; see [`spawn`]'s SAFETY note.
+/// Runs in the child between fork and exec; see the SAFETY note in [`spawn_io`].
 fn drop_privileges(uid: u32, gid: u32, workdir: &std::ffi::CStr) -> io::Result<()> {
     use nix::libc;
     // SAFETY: plain system calls with valid arguments (a null list of
