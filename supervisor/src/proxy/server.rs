@@ -791,6 +791,23 @@ mod tests {
             .collect()
     }
 
+    /// An upstream on loopback that accepts one connection and hands it
+    /// to `serve`; its address, and the task with what `serve` returned.
+    async fn upstream<F, Fut, T>(serve: F) -> (std::net::SocketAddr, tokio::task::JoinHandle<T>)
+    where
+        F: FnOnce(TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let up = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = up.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let (s, _) = up.accept().await.unwrap();
+            serve(s).await
+        });
+        (addr, task)
+    }
+
     /// A proxy on loopback whose session may reach `bulk.test` (= the
     /// upstream at `up`), and a client tunnel through it.
     async fn proxied(
@@ -858,16 +875,14 @@ mod tests {
     async fn large_transfers_both_ways_arrive_intact_with_half_close() {
         const LEN: usize = 24 * 1024 * 1024 + 7;
         // Upstream: reads everything, then sends its own payload back.
-        let up = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let up_addr = up.local_addr().unwrap();
-        let upstream = tokio::spawn(async move {
-            let (mut s, _) = up.accept().await.unwrap();
+        let (up_addr, upstream) = upstream(|mut s| async move {
             let mut got = Vec::new();
             s.read_to_end(&mut got).await.unwrap();
             s.write_all(&pattern(2, LEN)).await.unwrap();
             s.shutdown().await.unwrap();
             got
-        });
+        })
+        .await;
         let (c, events, shutdown, server) = proxied(up_addr).await;
         let (mut r, mut w) = c.into_split();
         let send = tokio::spawn(async move {
@@ -905,11 +920,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_side_that_resets_is_recorded_as_that_sides_close() {
         for client_resets in [true, false] {
-            let up = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let up_addr = up.local_addr().unwrap();
             let (reset_tx, reset_rx) = tokio::sync::oneshot::channel::<()>();
-            let upstream = tokio::spawn(async move {
-                let (mut s, _) = up.accept().await.unwrap();
+            let (up_addr, upstream) = upstream(move |mut s| async move {
                 let mut request = [0u8; 7];
                 s.read_exact(&mut request).await.unwrap();
                 s.write_all(b"response").await.unwrap();
@@ -924,7 +936,8 @@ mod tests {
                         .unwrap();
                     drop(s);
                 }
-            });
+            })
+            .await;
             let (mut c, events, shutdown, server) = proxied(up_addr).await;
             c.write_all(b"request").await.unwrap();
             let mut response = [0u8; 8];
@@ -957,10 +970,7 @@ mod tests {
     /// pipe): the tunnel ended because the client closed, not in error.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_client_gone_after_its_close_is_a_client_close_not_an_error() {
-        let up = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let up_addr = up.local_addr().unwrap();
-        let upstream = tokio::spawn(async move {
-            let (mut s, _) = up.accept().await.unwrap();
+        let (up_addr, upstream) = upstream(|mut s| async move {
             let mut got = Vec::new();
             s.read_to_end(&mut got).await.unwrap();
             // Keeps sending after the client's EOF until the proxy closes.
@@ -971,7 +981,8 @@ mod tests {
                 }
             }
             got
-        });
+        })
+        .await;
         let (mut c, events, shutdown, server) = proxied(up_addr).await;
         c.write_all(b"request").await.unwrap();
         c.shutdown().await.unwrap();
