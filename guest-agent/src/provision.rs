@@ -494,11 +494,7 @@ fn write_atomic(
     mode: u32,
     owner: Option<&User>,
 ) -> io::Result<()> {
-    let tmp = format!(".{name}.zl-tmp");
-    match unlinkat(dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir) {
-        Ok(()) | Err(Errno::ENOENT) => {}
-        Err(errno) => return Err(errno.into()),
-    }
+    let tmp = stale_tmp_removed(dir, name)?;
     let fd = openat(
         dir,
         tmp.as_str(),
@@ -526,13 +522,19 @@ fn write_atomic(
     result
 }
 
-/// Points `name` in `dir` at `target` atomically (temp link + rename).
-fn link_atomic(dir: &OwnedFd, name: &str, target: &str) -> io::Result<()> {
+/// The temp name for `name` in `dir`, with whatever an interrupted write
+/// left under it removed.
+fn stale_tmp_removed(dir: &OwnedFd, name: &str) -> io::Result<String> {
     let tmp = format!(".{name}.zl-tmp");
     match unlinkat(dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir) {
-        Ok(()) | Err(Errno::ENOENT) => {}
-        Err(errno) => return Err(errno.into()),
+        Ok(()) | Err(Errno::ENOENT) => Ok(tmp),
+        Err(errno) => Err(errno.into()),
     }
+}
+
+/// Points `name` in `dir` at `target` atomically (temp link + rename).
+fn link_atomic(dir: &OwnedFd, name: &str, target: &str) -> io::Result<()> {
+    let tmp = stale_tmp_removed(dir, name)?;
     symlinkat(target, dir, tmp.as_str())?;
     renameat(dir, tmp.as_str(), dir, name).inspect_err(|_| {
         let _ = unlinkat(dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
