@@ -158,6 +158,8 @@ pub enum JailError {
         source: Box<JailError>,
         cleanup: Box<JailError>,
     },
+    #[error("the jail of session {id} was rebuilt from its record to be torn down, not sealed")]
+    NotBuilt { id: JailId },
 }
 
 /// A live jail: its link and its nftables table. Dropping it tears both down
@@ -165,6 +167,9 @@ pub enum JailError {
 #[derive(Debug)]
 pub struct Jail {
     record: JailRecord,
+    /// What the rules are made from; `None` for a jail rebuilt from its
+    /// record, which is only ever torn down.
+    spec: Option<JailSpec>,
     destroyed: bool,
 }
 
@@ -173,17 +178,32 @@ pub struct Jail {
 static ALLOCATION: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 impl Jail {
-    /// Builds the jail in the calling thread's network namespace.
+    /// Builds the jail in the calling thread's network namespace: both
+    /// halves below, one after the other.
     ///
     /// Ordering (the invariant of this module):
     /// 1. pick a /30 (the pool must not overlap a foreign route);
     /// 2. create the tap, down (or find the given interface);
-    /// 3. load the table — from here on the interface is filtered;
-    /// 4. add the host address;
+    /// 3. add the host address, the link still down;
+    /// 4. load the table — from here on the interface is filtered;
     /// 5. set the link up.
     ///
     /// On failure everything done so far is undone.
     pub async fn create(config: JailConfig) -> Result<Jail, JailError> {
+        let jail = Jail::create_down(config).await?;
+        match jail.seal().await {
+            Ok(()) => Ok(jail),
+            Err(err) => Err(jail.undo(err).await),
+        }
+    }
+
+    /// Steps 1 to 3: the link exists, with the host address, but is down,
+    /// so it carries nothing; [`Jail::seal`] does the rest. A session
+    /// starts its proxy and QEMU in between (a tap that is down refuses
+    /// QEMU's writes), so loading the rules overlaps QEMU's start.
+    ///
+    /// On failure everything done so far is undone.
+    pub async fn create_down(config: JailConfig) -> Result<Jail, JailError> {
         let nl = Netlink::connect()?;
         let _allocating = ALLOCATION.lock().await;
         let link_net = allocate(&nl, config.pool).await?;
@@ -218,39 +238,62 @@ impl Jail {
                 }
             }
         }
-        let mut jail = Jail {
+        let jail = Jail {
             record,
+            spec: Some(spec),
             destroyed: false,
         };
-        match jail.finish_create(&nl, &spec).await {
+        match jail.address(&nl).await {
             Ok(()) => Ok(jail),
-            Err(err) => match jail.destroy().await {
-                Ok(()) => Err(err),
-                Err(cleanup) => Err(JailError::CreateAndCleanup {
-                    id: config.id,
-                    source: Box::new(err),
-                    cleanup: Box::new(cleanup),
-                }),
-            },
+            Err(err) => Err(jail.undo(err).await),
         }
     }
 
-    async fn finish_create(&self, nl: &Netlink, spec: &JailSpec) -> Result<(), JailError> {
-        // Step 3: rules first. They match by name, so they hold from the first
-        // packet the link can carry.
-        nft::apply(spec).await?;
-        let index =
-            nl.link_index(&spec.interface)
-                .await?
-                .ok_or_else(|| NetlinkError::NoSuchLink {
-                    name: spec.interface.clone(),
-                })?;
-        netlink::disable_ipv6(&spec.interface)?;
-        // Step 4, then 5: the link comes up last.
-        nl.add_address(&spec.interface, index, spec.host, self.record.prefix)
+    /// Step 3: the host address, on the link that is still down.
+    async fn address(&self, nl: &Netlink) -> Result<(), JailError> {
+        let interface = &self.record.interface;
+        let index = self.index(nl).await?;
+        netlink::disable_ipv6(interface)?;
+        nl.add_address(interface, index, self.record.host, self.record.prefix)
             .await?;
+        Ok(())
+    }
+
+    /// Steps 4 and 5: loads the table, then sets the link up. The rules
+    /// match by name, so they hold from the first packet the link can
+    /// carry. On failure the caller tears the jail down.
+    pub async fn seal(&self) -> Result<(), JailError> {
+        let spec = self.spec.as_ref().ok_or_else(|| JailError::NotBuilt {
+            id: self.record.id.clone(),
+        })?;
+        nft::apply(spec).await?;
+        let nl = Netlink::connect()?;
+        let index = self.index(&nl).await?;
         nl.set_up(&spec.interface, index).await?;
         Ok(())
+    }
+
+    async fn index(&self, nl: &Netlink) -> Result<u32, JailError> {
+        let interface = &self.record.interface;
+        Ok(nl
+            .link_index(interface)
+            .await?
+            .ok_or_else(|| NetlinkError::NoSuchLink {
+                name: interface.clone(),
+            })?)
+    }
+
+    /// Tears down what was built after `err`, and says what failed.
+    async fn undo(mut self, err: JailError) -> JailError {
+        let id = self.record.id.clone();
+        match self.destroy().await {
+            Ok(()) => err,
+            Err(cleanup) => JailError::CreateAndCleanup {
+                id,
+                source: Box::new(err),
+                cleanup: Box::new(cleanup),
+            },
+        }
     }
 
     /// Rebuilds the RAII value of a jail from its record (e.g. after a
@@ -258,6 +301,7 @@ impl Jail {
     pub fn for_existing(record: JailRecord) -> Jail {
         Jail {
             record,
+            spec: None,
             destroyed: false,
         }
     }

@@ -443,7 +443,8 @@ async fn drive(
 
     held.transition(vault, "booting", "jail, proxy, VM".into());
     held.progress.phase(progress::Phase::Jail);
-    let jail = Jail::create(JailConfig {
+    // The link is made down; its rules load while QEMU starts, below.
+    let jail = Jail::create_down(JailConfig {
         id: id.clone(),
         link: Link::Tap {
             owner: nix::unistd::Uid::effective(),
@@ -525,11 +526,23 @@ async fn drive(
         crate::manifest::Accel::Tcg => crate::vm::watchdog::Accel::Tcg,
     };
     held.progress.phase(progress::Phase::Boot);
-    let booted =
-        crate::vm::watchdog::boot(qemu, spec, Some(tap), accel, config.hello_bound).await?;
+    // The jail's rules load while QEMU starts (the `nft` process alone
+    // takes 10-20 ms); the link comes up only once they are in, and a tap
+    // that is down refuses QEMU's writes, so nothing passes unfiltered.
+    let jail = held
+        .jail
+        .as_ref()
+        .ok_or_else(|| SessionError::Setup("the jail is gone".into()))?;
+    let (booted, sealed) = tokio::join!(
+        crate::vm::watchdog::boot(qemu, spec, Some(tap), accel, config.hello_bound),
+        jail.seal(),
+    );
+    let booted = booted?;
     let qemu_pid = booted.vm.pid();
     held.save(|r| r.qemu_pid = Some(qemu_pid));
     held.vm = Some(booted.vm);
+    // Checked once the VM is held, so the cleanup stops it.
+    sealed?;
     let (mut from_guest, mut channel) = booted.hello.channel.into_split();
     held.progress.phase(progress::Phase::Provisioning);
     held.transition(

@@ -485,3 +485,52 @@ fn a_missing_interface_is_reported_and_nothing_is_loaded() {
     );
     assert_eq!(world.leftovers(), (vec![], vec![]));
 }
+
+/// A session makes its jail in two halves so the rules load while QEMU
+/// starts: until `seal` the link is down (it carries nothing) and has no
+/// table; `seal` loads the table, then brings the link up.
+#[test]
+fn a_jail_made_down_is_up_only_once_sealed() {
+    if !require_root_and_tools(TOOLS) {
+        return;
+    }
+    let world = World::new();
+    let guest = world.guest("sl");
+    let config = zerolease::jail::JailConfig {
+        id: guest.id.clone(),
+        link: zerolease::jail::Link::Existing {
+            name: guest.link.clone(),
+        },
+        pool: zerolease::jail::DEFAULT_POOL.parse().expect("pool"),
+        ports: PORTS,
+        dns_port: None,
+    };
+    let jail = world
+        .host
+        .block_on(|| Jail::create_down(config))
+        .expect("create the jail, down");
+    let mut jail = InNs::new(&world.host, jail);
+    let is_up = || {
+        let out = world.host.ip(["-o", "link", "show", "dev", "zl-sl"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let flags = text.split(['<', '>']).nth(1).unwrap_or_default().to_owned();
+        flags.split(',').any(|flag| flag == "UP")
+    };
+    assert!(!is_up(), "the link is up before its rules are loaded");
+    assert_eq!(world.leftovers().0, Vec::<String>::new());
+    jail.with(|j| block_here(j.seal())).expect("seal");
+    assert!(is_up(), "sealing brings the link up");
+    assert_eq!(world.leftovers().0, vec!["zl_sl".to_owned()]);
+    // Sealed, it filters like any jail.
+    let record = jail.get().record().clone();
+    guest.configure(record.host, record.guest, record.prefix);
+    assert!(!guest.ns.tcp_connects(None, sa(UPSTREAM, OTHER_PORT)));
+    assert!(world.counters(&jail).forward.packets > 0);
+    destroy(&mut jail).expect("destroy");
+    assert_eq!(world.leftovers(), (vec![], vec![]));
+
+    // A jail rebuilt from its record is for tearing down only.
+    let rebuilt = Jail::for_existing(record);
+    let err = block_here(rebuilt.seal()).expect_err("a rebuilt jail does not seal");
+    assert!(matches!(err, JailError::NotBuilt { .. }), "{err}");
+}
