@@ -405,6 +405,13 @@ mod tests {
             text.contains(&format!("-bios {DIRECT_BOOT_FIRMWARE} ")),
             "{script} boots its baseline without -bios {DIRECT_BOOT_FIRMWARE}"
         );
+        // As many vCPUs as the sessions it is compared with.
+        assert!(text.contains(r#"-smp "$bench_session_cpus""#), "{script}");
+        assert_eq!(
+            text.matches("cpus: $bench_session_cpus }").count(),
+            2,
+            "{script}: both benchmark manifests take the same vCPUs"
+        );
     }
 
     fn spec() -> VmSpec {
