@@ -39,8 +39,7 @@ use crate::{error_chain as chain, log};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, PoisonError, mpsc};
-use std::thread::JoinHandle;
+use std::sync::mpsc;
 use std::time::Duration;
 
 use zerolease_protocol::{
@@ -70,57 +69,6 @@ pub struct AgentConfig {
     pub reaping: Reaping,
     /// Where the TTY port is, for interactive agents.
     pub tty_port: tty::PortLookup,
-    /// The guest's network, which may still be coming up while the agent
-    /// says hello and provisions; the agent command waits for it.
-    pub network: Network,
-}
-
-/// The guest's network: up, or coming up on a boot thread. The agent
-/// command starts only once it is up, so its first connection finds the
-/// route to the proxy.
-#[derive(Debug, Clone, Default)]
-pub struct Network(Arc<Mutex<NetworkState>>);
-
-#[derive(Debug, Default)]
-enum NetworkState {
-    /// Up (or, in tests, not this agent's business).
-    #[default]
-    Up,
-    /// Coming up on this thread, which returns why it failed.
-    Pending(JoinHandle<Result<(), String>>),
-    /// It did not come up, for this reason.
-    Failed(String),
-}
-
-impl Network {
-    /// A network that is already up.
-    pub fn up() -> Self {
-        Self::default()
-    }
-
-    /// A network that `thread` is bringing up; the thread returns why it
-    /// failed.
-    pub fn pending(thread: JoinHandle<Result<(), String>>) -> Self {
-        Network(Arc::new(Mutex::new(NetworkState::Pending(thread))))
-    }
-
-    /// Waits until the network is up; why it did not come up otherwise.
-    /// The outcome is kept: later calls return it at once.
-    pub fn wait(&self) -> Result<(), String> {
-        let mut state = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        *state = match std::mem::take(&mut *state) {
-            NetworkState::Pending(thread) => match thread.join() {
-                Ok(Ok(())) => NetworkState::Up,
-                Ok(Err(why)) => NetworkState::Failed(why),
-                Err(_) => NetworkState::Failed("the network set-up thread panicked".into()),
-            },
-            done => done,
-        };
-        match &*state {
-            NetworkState::Failed(why) => Err(why.clone()),
-            _ => Ok(()),
-        }
-    }
 }
 
 /// Why the loop stopped without error.
@@ -489,10 +437,6 @@ fn start(
             terminal().map_err(|err| undo(reason(&err)))?
         }
     };
-    config
-        .network
-        .wait()
-        .map_err(|why| undo(format!("the guest's network did not come up: {why}")))?;
     let agent_tx = tx.clone();
     let agent = run::spawn_io(
         &spec.command,
@@ -569,33 +513,6 @@ fn reason(err: &dyn std::error::Error) -> String {
 mod tests {
     use super::*;
     use crate::credential::GitRequest;
-
-    #[test]
-    fn the_network_is_waited_for_once_and_its_failure_kept() {
-        assert_eq!(Network::up().wait(), Ok(()));
-        let (go, wait) = mpsc::channel::<()>();
-        let coming = Network::pending(std::thread::spawn(move || {
-            wait.recv().map_err(|_| "no go".to_owned())
-        }));
-        let waiter = {
-            let coming = coming.clone();
-            std::thread::spawn(move || coming.wait())
-        };
-        std::thread::sleep(Duration::from_millis(50));
-        assert!(
-            !waiter.is_finished(),
-            "wait() returned before the network was up"
-        );
-        go.send(()).unwrap();
-        assert_eq!(waiter.join().unwrap(), Ok(()));
-        assert_eq!(coming.wait(), Ok(()));
-
-        let failed = Network::pending(std::thread::spawn(|| Err("no eth0".to_owned())));
-        assert_eq!(failed.wait(), Err("no eth0".to_owned()));
-        assert_eq!(failed.clone().wait(), Err("no eth0".to_owned()));
-        let panicked = Network::pending(std::thread::spawn(|| panic!("set-up bug")));
-        assert!(panicked.wait().unwrap_err().contains("panicked"));
-    }
 
     #[test]
     fn reasons_are_one_bounded_line() {

@@ -28,7 +28,7 @@ use nix::libc;
 use nix::mount::{MsFlags, mount};
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
 
-use crate::agent::{self, AgentConfig, Network, Outcome};
+use crate::agent::{self, AgentConfig, Outcome};
 use crate::cmdline::{self, GuestConfig};
 use crate::provision::Layout;
 use crate::rootdisk;
@@ -108,9 +108,6 @@ pub enum BootError {
         #[source]
         source: io::Error,
     },
-    /// The thread that brings the network up could not be made.
-    #[error("cannot start the network set-up thread")]
-    Thread(#[source] io::Error),
     /// The control port is missing.
     #[error("cannot find the control port")]
     Startup(#[from] crate::StartupError),
@@ -235,6 +232,38 @@ pub fn load_modules(files: &[PathBuf]) -> Result<usize, BootError> {
         }
     }
     Ok(loaded)
+}
+
+/// Whether `file` is the module named `name` (`name.ko`, compressed or
+/// not).
+fn is_module(file: &Path, name: &str) -> bool {
+    file.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix(name))
+        .is_some_and(|rest| rest == ".ko" || rest.starts_with(".ko."))
+}
+
+/// The virtio device type of block devices (the `device` attribute under
+/// `/sys/bus/virtio/devices`).
+const VIRTIO_BLOCK: &str = "0x0002";
+
+/// `files` without `virtio_blk` when the VM has no virtio disk (a session
+/// without a workspace or root disk): loading it costs an emulated guest
+/// about 10 ms for nothing. Call it once the virtio transport is loaded,
+/// which registers the devices as it loads; when the device list cannot be
+/// read, nothing is left out.
+pub fn without_absent_disks(files: &[PathBuf], sysfs_root: &Path) -> Vec<PathBuf> {
+    let disks = std::fs::read_dir(sysfs_root.join("bus/virtio/devices")).map(|devices| {
+        devices.flatten().any(|device| {
+            std::fs::read_to_string(device.path().join("device"))
+                .is_ok_and(|kind| kind.trim() == VIRTIO_BLOCK)
+        })
+    });
+    files
+        .iter()
+        .filter(|file| disks.as_ref().map_or(true, |&any| any) || !is_module(file, "virtio_blk"))
+        .cloned()
+        .collect()
 }
 
 /// The first interface other than `lo` under `<sysfs_root>/class/net`, by
@@ -427,6 +456,10 @@ pub fn open_control_port(
     wait: Duration,
 ) -> Result<File, BootError> {
     let deadline = Instant::now() + wait;
+    // The driver adds ports from a work queue once QEMU announces them, so
+    // a port can appear a few milliseconds after the module loaded: look
+    // again soon, then less often.
+    let mut pause = Duration::from_millis(2);
     loop {
         let found = virtio::find_port(sysfs_root, name)
             .map_err(|err| BootError::Startup(crate::StartupError::Port(err)))
@@ -441,7 +474,10 @@ pub fn open_control_port(
         match found {
             Ok(file) => return Ok(file),
             Err(err) if Instant::now() >= deadline => return Err(err),
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            Err(_) => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
         }
     }
 }
@@ -451,8 +487,6 @@ struct Booted {
     port: File,
     /// The command git runs as its credential helper.
     helper_command: String,
-    /// The network, up or coming up.
-    network: Network,
 }
 
 /// Everything PID 1 does before serving the host.
@@ -474,45 +508,34 @@ fn boot(root: &Path) -> Result<Booted, BootError> {
             source: errno.into(),
         })?;
     let files = module_files(root, &release)?;
+    // The transport first (the modules before the control port's driver):
+    // its devices are then registered, so a driver without a device can be
+    // left out.
+    let transport = files
+        .iter()
+        .position(|file| is_module(file, "virtio_console"))
+        .unwrap_or(0);
+    let loaded = load_modules(&files[..transport])?
+        + load_modules(&without_absent_disks(&files[transport..], &sysfs_root))?;
+    log(&format!("loaded {loaded} kernel modules for {release}"));
     // Where this binary is, before /proc moves: /init in the initramfs.
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/init"));
-    // The control port's transport first: its devices are then listed, so
-    // a driver without a device can be left out.
-    let transport = split_at_control_port(&files).map_or(0, |(transport, _, _)| transport.len());
-    let mut loaded = load_modules(&files[..transport])?;
-    let rest = without_absent_disks(&files[transport..], &sysfs_root);
-    // With a CPU to spare, the network comes up on a thread while this one
-    // opens the control port and serves the host: with one CPU the thread
-    // would only add its own cost, and a root disk is switched to first.
-    let alongside = split_at_control_port(&rest)
-        .filter(|(transport, _, _)| transport.is_empty())
-        .filter(|_| config.root_disk.is_none() && several_cpus(&sysfs_root));
-    let (network, helper_command) = match alongside {
-        Some((_, port_driver, rest)) => {
-            let network = spawn_network(rest.to_vec(), &proc_root, &sysfs_root, &config)?;
-            loaded += load_modules(std::slice::from_ref(port_driver))?;
-            log(&format!(
-                "loaded {loaded} kernel modules for {release}; the network comes up alongside"
-            ));
-            (network, format!("{} credential", exe.display()))
-        }
-        None => {
-            loaded += load_modules(&rest)?;
-            log(&format!("loaded {loaded} kernel modules for {release}"));
-            let helper_command = if let Some(serial) = &config.root_disk {
-                let disk = rootdisk::wait_for_disk(&sysfs_root, serial, PORT_WAIT)?;
-                rootdisk::switch_to(root, &disk, &exe)?;
-                log(&format!(
-                    "root: /dev/{disk} (read-only) under a tmpfs overlay"
-                ));
-                format!("/{} credential", rootdisk::GUEST_BINARY)
-            } else {
-                format!("{} credential", exe.display())
-            };
-            bring_up_network(&[], &proc_root, &sysfs_root, &config)?;
-            (Network::up(), helper_command)
-        }
+    let helper_command = if let Some(serial) = &config.root_disk {
+        let disk = rootdisk::wait_for_disk(&sysfs_root, serial, PORT_WAIT)?;
+        rootdisk::switch_to(root, &disk, &exe)?;
+        log(&format!(
+            "root: /dev/{disk} (read-only) under a tmpfs overlay"
+        ));
+        format!("/{} credential", rootdisk::GUEST_BINARY)
+    } else {
+        format!("{} credential", exe.display())
     };
+    disable_ipv6(&proc_root)?;
+    let nic = configure_network(&sysfs_root, &config)?;
+    log(&format!(
+        "{nic}: {}/{} via {}",
+        config.address, config.prefix_len, config.gateway
+    ));
     let port = open_control_port(
         &sysfs_root,
         &root.join("dev"),
@@ -523,98 +546,7 @@ fn boot(root: &Path) -> Result<Booted, BootError> {
     Ok(Booted {
         port,
         helper_command,
-        network,
     })
-}
-
-/// The control port's driver. In the load list, the
-/// modules before it are the transport it needs; those after it (network,
-/// disks) are not needed to say hello.
-const PORT_DRIVER: &str = "virtio_console";
-
-/// Splits the load list into the control port's transport, its driver and
-/// the rest; `None` when the list has no such driver (built into the
-/// kernel, say).
-pub fn split_at_control_port(files: &[PathBuf]) -> Option<(&[PathBuf], &PathBuf, &[PathBuf])> {
-    let at = files.iter().position(|file| is_module(file, PORT_DRIVER))?;
-    Some((&files[..at], &files[at], &files[at + 1..]))
-}
-
-/// Whether the guest has more than one CPU online.
-fn several_cpus(sysfs_root: &Path) -> bool {
-    std::fs::read_to_string(sysfs_root.join("devices/system/cpu/online"))
-        .is_ok_and(|online| online.trim() != "0")
-}
-
-/// Whether `file` is the module named `name` (`name.ko`, compressed or
-/// not).
-fn is_module(file: &Path, name: &str) -> bool {
-    file.file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.strip_prefix(name))
-        .is_some_and(|rest| rest == ".ko" || rest.starts_with(".ko."))
-}
-
-/// The virtio device type of block devices (the `device` attribute under
-/// `/sys/bus/virtio/devices`).
-const VIRTIO_BLOCK: &str = "0x0002";
-
-/// The load list without `virtio_blk` when the VM has no virtio disk (a
-/// session without a workspace or root disk): loading it costs an emulated
-/// guest about 10 ms for nothing. The virtio transport registers its
-/// devices while it loads, so the list is complete by then; when it cannot
-/// be read, nothing is left out.
-pub fn without_absent_disks(files: &[PathBuf], sysfs_root: &Path) -> Vec<PathBuf> {
-    let disks = std::fs::read_dir(sysfs_root.join("bus/virtio/devices")).map(|devices| {
-        devices.flatten().any(|device| {
-            std::fs::read_to_string(device.path().join("device"))
-                .is_ok_and(|kind| kind.trim() == VIRTIO_BLOCK)
-        })
-    });
-    files
-        .iter()
-        .filter(|file| disks.as_ref().map_or(true, |&any| any) || !is_module(file, "virtio_blk"))
-        .cloned()
-        .collect()
-}
-
-/// Loads `modules`, turns IPv6 off and configures the network from the
-/// command line.
-fn bring_up_network(
-    modules: &[PathBuf],
-    proc_root: &Path,
-    sysfs_root: &Path,
-    config: &GuestConfig,
-) -> Result<(), BootError> {
-    if !modules.is_empty() {
-        let loaded = load_modules(modules)?;
-        log(&format!("loaded {loaded} more kernel modules"));
-    }
-    disable_ipv6(proc_root)?;
-    let nic = configure_network(sysfs_root, config)?;
-    log(&format!(
-        "{nic}: {}/{} via {}",
-        config.address, config.prefix_len, config.gateway
-    ));
-    Ok(())
-}
-
-/// Runs [`bring_up_network`] on a thread of its own.
-fn spawn_network(
-    modules: Vec<PathBuf>,
-    proc_root: &Path,
-    sysfs_root: &Path,
-    config: &GuestConfig,
-) -> Result<Network, BootError> {
-    let (proc_root, sysfs_root, config) =
-        (proc_root.to_owned(), sysfs_root.to_owned(), config.clone());
-    std::thread::Builder::new()
-        .name("network".into())
-        .spawn(move || {
-            bring_up_network(&modules, &proc_root, &sysfs_root, &config).map_err(|err| chain(&err))
-        })
-        .map(Network::pending)
-        .map_err(BootError::Thread)
 }
 
 /// PID 1's whole life: boot, serve the host, power off. Never returns.
@@ -624,7 +556,6 @@ pub fn pid1_main() -> ! {
         Ok(Booted {
             port,
             helper_command,
-            network,
         }) => {
             let config = AgentConfig {
                 layout: Layout::new(root),
@@ -633,7 +564,6 @@ pub fn pid1_main() -> ! {
                 credential_timeout: Duration::from_secs(30),
                 reaping: Reaping::All,
                 tty_port: crate::tty::lookup_under(root),
-                network,
             };
             let outcome = port
                 .try_clone()
@@ -692,34 +622,9 @@ mod tests {
     }
 
     #[test]
-    fn the_load_list_splits_at_the_control_ports_driver() {
-        let files = under_kernel(&[
-            "virtio/virtio.ko",
-            "virtio/virtio_pci.ko",
-            "char/virtio_console.ko",
-            "net/virtio_net.ko",
-            "block/virtio_blk.ko.xz",
-        ]);
-        let (transport, driver, rest) = split_at_control_port(&files).unwrap();
-        assert_eq!(transport, &files[..2]);
-        assert_eq!(driver, &files[2]);
-        assert_eq!(rest, &files[3..]);
-        // Compressed, it is the same driver; another name is not.
-        assert!(split_at_control_port(&under_kernel(&["virtio_console.ko.zst"])).is_some());
-        assert!(
-            split_at_control_port(&under_kernel(&[
-                "virtio_console_x.ko",
-                "virtio_consolex.ko"
-            ]))
-            .is_none()
-        );
-        assert!(split_at_control_port(&under_kernel(&["virtio_net.ko"])).is_none());
-    }
-
-    #[test]
     fn virtio_blk_is_loaded_only_for_a_virtio_disk() {
         let sysfs = tempfile::tempdir().unwrap();
-        let files = under_kernel(&["virtio_net.ko", "virtio_blk.ko", "ext4.ko"]);
+        let files = under_kernel(&["virtio_net.ko", "block/virtio_blk.ko.xz", "ext4.ko"]);
         // No device list to read: nothing is left out.
         assert_eq!(without_absent_disks(&files, sysfs.path()), files);
         let devices = sysfs.path().join("bus/virtio/devices");
@@ -738,15 +643,12 @@ mod tests {
     }
 
     #[test]
-    fn several_cpus_come_from_the_online_list() {
-        let sysfs = tempfile::tempdir().unwrap();
-        assert!(!several_cpus(sysfs.path()));
-        let online = sysfs.path().join("devices/system/cpu/online");
-        std::fs::create_dir_all(online.parent().unwrap()).unwrap();
-        for (list, several) in [("0\n", false), ("0-1\n", true), ("0,2\n", true)] {
-            std::fs::write(&online, list).unwrap();
-            assert_eq!(several_cpus(sysfs.path()), several, "{list:?}");
-        }
+    fn modules_are_known_by_name_compressed_or_not() {
+        assert!(is_module(Path::new("/m/virtio_blk.ko"), "virtio_blk"));
+        assert!(is_module(Path::new("/m/virtio_blk.ko.zst"), "virtio_blk"));
+        assert!(!is_module(Path::new("/m/virtio_blk_x.ko"), "virtio_blk"));
+        assert!(!is_module(Path::new("/m/virtio_blkx.ko"), "virtio_blk"));
+        assert!(!is_module(Path::new("/m/virtio_blk"), "virtio_blk"));
     }
 
     #[test]

@@ -3,13 +3,12 @@
 //! Bird's-eye view, in boot order:
 //! - [`boot`]: PID 1 mounts /proc, /sys, /dev, /dev/pts, /run, /tmp, loads
 //!   the kernel modules listed in `/lib/modules/zerolease.load` (not
-//!   `virtio_blk` when the VM has no disk), configures IPv4 from the kernel
-//!   command line ([`cmdline`]), disables IPv6, finds the control port
-//!   ([`virtio`]) and hands it to [`agent`]; whatever happens, it ends by
-//!   syncing and powering off. With more than one CPU the network comes up
-//!   on a thread alongside the control port, and the agent command waits
-//!   for it ([`agent::Network`]). With `zl.root=` it first switches to the
-//!   image's read-only root disk under a tmpfs overlay ([`rootdisk`]).
+//!   `virtio_blk` when the VM has no disk), configures
+//!   IPv4 from the kernel command line ([`cmdline`]), disables IPv6, finds
+//!   the control port ([`virtio`]) and hands it to [`agent`]; whatever
+//!   happens, it ends by syncing and powering off. With `zl.root=` it first
+//!   switches to the image's read-only root disk under a tmpfs overlay
+//!   ([`rootdisk`]).
 //! - [`agent`]: the main loop on the control channel (handshake, then
 //!   `Provision`, credential requests, `UpdateSecrets`, `Revoke`,
 //!   `Shutdown`), threads and channels, one writer.

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use zerolease_guest::agent::{AgentConfig, Network, Outcome, serve};
+use zerolease_guest::agent::{AgentConfig, Outcome, serve};
 use zerolease_guest::provision::{Layout, paths};
 use zerolease_guest::run::{Reaping, live_processes_of};
 use zerolease_protocol::{
@@ -48,11 +48,6 @@ struct Guest {
 /// Starts the agent's loop on a temp root whose `agent` user has `uid`, and
 /// does the handshake as the host.
 fn start(uid: u32) -> Guest {
-    start_with(uid, Network::up())
-}
-
-/// [`start`], with the guest's network as given.
-fn start_with(uid: u32, network: Network) -> Guest {
     assert_eq!(
         live_processes_of(uid, Path::new("/proc")),
         0,
@@ -80,7 +75,6 @@ fn start_with(uid: u32, network: Network) -> Guest {
         credential_timeout: Duration::from_secs(10),
         reaping: Reaping::AgentOnly,
         tty_port: zerolease_guest::tty::lookup_under(dir.path()),
-        network,
     };
     let agent = std::thread::spawn(move || {
         let reader = guest_end.try_clone().unwrap();
@@ -448,44 +442,6 @@ fn provision_failure_is_reported_and_leaves_nothing() {
     assert_eq!(agent.join().unwrap(), Outcome::HostGone);
 }
 
-/// The network comes up on a boot thread while the agent says hello and
-/// provisions; the command waits for it, and does not run when it failed.
-#[test]
-fn the_command_waits_for_the_network_and_does_not_run_without_it() {
-    if !need_root() {
-        return;
-    }
-    let failed = Network::pending(std::thread::spawn(|| {
-        std::thread::sleep(Duration::from_millis(200));
-        Err("cannot bring up interface eth0".to_owned())
-    }));
-    let mut guest = start_with(61_238, failed);
-    let marker = guest.home().join("ran");
-    let touch = format!("touch {}", marker.display());
-    guest.send(HostMessage::Provision(Box::new(provision(&[
-        "sh", "-c", &touch,
-    ]))));
-    match guest.recv() {
-        GuestMessage::ProvisionFailed { reason } => {
-            assert!(reason.contains("network"), "{reason}");
-            assert!(reason.contains("eth0"), "{reason}");
-        }
-        other => panic!("unexpected {other:?}"),
-    }
-    assert!(!marker.exists(), "the command ran without a network");
-    assert!(!guest.layout.host_path(paths::ENV_FILE).exists());
-    assert!(!guest.home().join(".config/tool/token").exists());
-    let Guest {
-        host_reader,
-        host_writer,
-        agent,
-        ..
-    } = guest;
-    drop(host_reader);
-    drop(host_writer);
-    assert_eq!(agent.join().unwrap(), Outcome::HostGone);
-}
-
 /// Runs the loop against a host that answers the hello with `answer` and
 /// then sends `then` (raw frames); returns the loop's result.
 fn handshake_with(
@@ -501,7 +457,6 @@ fn handshake_with(
         credential_timeout: Duration::from_secs(1),
         reaping: Reaping::AgentOnly,
         tty_port: zerolease_guest::tty::lookup_under(dir.path()),
-        network: zerolease_guest::agent::Network::up(),
     };
     let agent = std::thread::spawn(move || {
         let reader = guest_end.try_clone().unwrap();
