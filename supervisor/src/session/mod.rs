@@ -538,8 +538,11 @@ async fn drive(
         jail.seal(),
     );
     let booted = booted?;
+    // QEMU's pid is saved with the next state: one write of the record.
     let qemu_pid = booted.vm.pid();
-    held.save(|r| r.qemu_pid = Some(qemu_pid));
+    if let Some((_, r)) = &mut held.record {
+        r.qemu_pid = Some(qemu_pid);
+    }
     held.vm = Some(booted.vm);
     // Checked once the VM is held, so the cleanup stops it.
     sealed?;

@@ -61,8 +61,10 @@ impl SessionRecord {
             .truncate(true)
             .mode(0o600)
             .open(&tmp)?;
-        serde_json::to_writer_pretty(&mut f, self)?;
-        f.write_all(b"\n")?;
+        // One write: serde_json on a File makes a system call per token.
+        let mut text = serde_json::to_vec_pretty(self)?;
+        text.push(b'\n');
+        f.write_all(&text)?;
         f.sync_all()?;
         std::fs::rename(&tmp, &path)
     }
