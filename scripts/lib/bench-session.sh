@@ -97,7 +97,7 @@ EOM
     # minute here) then shifts both sides of each pair alike.
     log "bare QEMU boot of the same kernel and initramfs to init, then \`zerolease run\` of \`true\`, alternating ($bench_session_runs pairs, $bench_session_cpus vCPUs)"
     local bare=() to_cmd=() teardown=() hello=() provision=() prep=() g_boot=() g_prov=() id start console t0 t1
-    local jail=() qemu=() kernel=()
+    local jail=() qemu=() kernel=() check=()
     for _ in $(seq "$bench_session_runs"); do
         # Init's first output ends the bare boot (then init exits, the
         # kernel panics and QEMU exits, untimed).
@@ -142,6 +142,7 @@ EOM
         port_at=$(guest_at "$console" ": control port open")
         started_at=$(guest_at "$console" ": started")
         jail+=("$(jq '.durations.phases[] | select(.phase == "jail") | .seconds * 1000 | round' "$report")")
+        check+=("$(jq '.durations.phases[] | select(.phase == "image_check") | .seconds * 1000 | round' "$report")")
         qemu+=($((boot_ms - port_at)))
         kernel+=("$started_at")
     done
@@ -177,7 +178,11 @@ EOM
         over+=($((to_cmd[i] - bare[i])))
         rest+=($((to_cmd[i] - bare[i] - g_boot[i] - g_prov[i])))
     done
-    log "pairs (bare boot / session to the command (its prepare phase), ms): $(for i in "${!to_cmd[@]}"; do printf '%s/%s(%s) ' "${bare[i]}" "${to_cmd[i]}" "${prep[i]}"; done)"
+    log "pairs (bare boot / session to the command (its prepare phase, image check), ms): $(for i in "${!to_cmd[@]}"; do printf '%s/%s(%s,%s) ' "${bare[i]}" "${to_cmd[i]}" "${prep[i]}" "${check[i]}"; done)"
+    # One boot differs from the next by a few hundred milliseconds under
+    # TCG, so the median of few pairs moves by about as much: the quartiles
+    # say how far to trust it (more pairs: ZEROLEASE_BENCH_SESSION_RUNS).
+    log "overhead over the pairs, ms: $(printf '%s\n' "${over[@]}" | sort -n | awk '{a[NR]=$1} END {printf "min %d, quartiles %d / %d / %d, max %d", a[1], a[int((NR+3)/4)], a[int((NR+1)/2)], a[int((3*NR+1)/4)], a[NR]}')"
     if [ ${#json[@]} -eq 0 ]; then
         printf '%-36s %10s %-4s %-26s %10s %8s\n' metric value unit baseline value ratio
     fi
