@@ -394,7 +394,8 @@ mod tests {
         let text = std::fs::read_to_string(script).unwrap();
         let cpus: Vec<&str> = text
             .split_whitespace()
-            .skip_while(|w| *w != "qemu-system-x86_64")
+            // The command may open a substitution: `$(qemu-system-x86_64`.
+            .skip_while(|w| !w.ends_with("qemu-system-x86_64"))
             .collect::<Vec<_>>()
             .windows(2)
             .filter(|w| w[0] == "-cpu")
