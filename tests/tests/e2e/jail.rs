@@ -434,15 +434,7 @@ fn a_pool_overlapping_a_route_is_refused_and_leaves_nothing() {
         .host
         .ip(["route", "add", "10.213.0.0/16", "dev", "up0"]);
     let guest = world.guest("ovl");
-    let config = zerolease::jail::JailConfig {
-        id: guest.id.clone(),
-        link: zerolease::jail::Link::Existing {
-            name: guest.link.clone(),
-        },
-        pool: zerolease::jail::DEFAULT_POOL.parse().expect("pool"),
-        ports: PORTS,
-        dns_port: None,
-    };
+    let config = guest.jail_config(None);
     let err = world
         .host
         .block_on(|| async move { Jail::create(config).await.map(|j| j.into_record()) })
@@ -496,15 +488,7 @@ fn a_jail_made_down_is_up_only_once_sealed() {
     }
     let world = World::new();
     let guest = world.guest("sl");
-    let config = zerolease::jail::JailConfig {
-        id: guest.id.clone(),
-        link: zerolease::jail::Link::Existing {
-            name: guest.link.clone(),
-        },
-        pool: zerolease::jail::DEFAULT_POOL.parse().expect("pool"),
-        ports: PORTS,
-        dns_port: None,
-    };
+    let config = guest.jail_config(None);
     let jail = world
         .host
         .block_on(|| Jail::create_down(config))

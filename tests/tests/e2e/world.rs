@@ -68,15 +68,7 @@ impl World {
 
     /// Builds the jail of `guest` in the host namespace.
     pub fn jail(&self, guest: &Guest, dns_port: Option<u16>) -> InNs<Jail> {
-        let config = JailConfig {
-            id: guest.id.clone(),
-            link: Link::Existing {
-                name: guest.link.clone(),
-            },
-            pool: DEFAULT_POOL.parse().expect("default pool"),
-            ports: PORTS,
-            dns_port,
-        };
+        let config = guest.jail_config(dns_port);
         let jail = self
             .host
             .block_on(|| Jail::create(config))
@@ -123,6 +115,19 @@ pub struct Guest {
 }
 
 impl Guest {
+    /// The jail of this guest on its veth end, from the default pool.
+    pub fn jail_config(&self, dns_port: Option<u16>) -> JailConfig {
+        JailConfig {
+            id: self.id.clone(),
+            link: Link::Existing {
+                name: self.link.clone(),
+            },
+            pool: DEFAULT_POOL.parse().expect("default pool"),
+            ports: PORTS,
+            dns_port,
+        }
+    }
+
     /// Addresses the guest end as a VM would configure itself.
     pub fn configure(&self, host: Ipv4Addr, guest: Ipv4Addr, prefix: u8) {
         let addr = format!("{guest}/{prefix}");
