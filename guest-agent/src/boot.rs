@@ -253,15 +253,16 @@ const VIRTIO_BLOCK: &str = "0x0002";
 /// which registers the devices as it loads; when the device list cannot be
 /// read, nothing is left out.
 pub fn without_absent_disks(files: &[PathBuf], sysfs_root: &Path) -> Vec<PathBuf> {
-    let disks = std::fs::read_dir(sysfs_root.join("bus/virtio/devices")).map(|devices| {
-        devices.flatten().any(|device| {
-            std::fs::read_to_string(device.path().join("device"))
-                .is_ok_and(|kind| kind.trim() == VIRTIO_BLOCK)
-        })
-    });
+    let any_disk =
+        std::fs::read_dir(sysfs_root.join("bus/virtio/devices")).map_or(true, |devices| {
+            devices.flatten().any(|device| {
+                std::fs::read_to_string(device.path().join("device"))
+                    .is_ok_and(|kind| kind.trim() == VIRTIO_BLOCK)
+            })
+        });
     files
         .iter()
-        .filter(|file| disks.as_ref().map_or(true, |&any| any) || !is_module(file, "virtio_blk"))
+        .filter(|file| any_disk || !is_module(file, "virtio_blk"))
         .cloned()
         .collect()
 }
