@@ -190,9 +190,14 @@ impl<W: Write> FrameWriter<W> {
                 len: payload.len() as u64,
                 max: self.max_len,
             })?;
+        // One write of header and payload: on a virtio-serial port each
+        // write is its own buffer and its own notification, and the reader
+        // waits for the second.
+        let mut frame = Zeroizing::new(Vec::with_capacity(HEADER_LEN + payload.len()));
+        frame.extend_from_slice(&len.to_be_bytes());
+        frame.extend_from_slice(payload);
         self.inner
-            .write_all(&len.to_be_bytes())
-            .and_then(|()| self.inner.write_all(payload))
+            .write_all(&frame)
             .and_then(|()| self.inner.flush())
             .map_err(FrameError::Io)
     }

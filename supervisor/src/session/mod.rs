@@ -724,12 +724,13 @@ async fn send(
         .map_err(|e| SessionError::Channel(e.to_string()))?;
     let len = u32::try_from(payload.len())
         .map_err(|_| SessionError::Channel("message too large".into()))?;
+    // Header and payload in one write: QEMU passes each read of the socket
+    // to the guest as its own buffer, which the guest reads on its own.
+    let mut frame = zeroize::Zeroizing::new(Vec::with_capacity(4 + payload.len()));
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(&payload);
     channel
-        .write_all(&len.to_be_bytes())
-        .await
-        .map_err(|e| SessionError::Channel(e.to_string()))?;
-    channel
-        .write_all(&payload)
+        .write_all(&frame)
         .await
         .map_err(|e| SessionError::Channel(e.to_string()))
 }
