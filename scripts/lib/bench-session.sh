@@ -104,7 +104,7 @@ EOM
         t0=$(ms_now)
         t1=$(qemu-system-x86_64 -accel tcg -machine q35 -cpu max,-erms,-fsrm -smp "$bench_session_cpus" -m 512 \
             -nodefaults -no-user-config -display none -no-reboot -serial stdio -bios qboot.rom \
-            -kernel "$img/vmlinuz" -initrd "$img/initramfs.cpio" \
+            -kernel "$img/vmlinux" -initrd "$img/initramfs.cpio" \
             -append "console=ttyS0 quiet panic=-1 rdinit=/bin/busybox -- echo zerolease-bench-init" 2>&1 |
             { grep -m1 -q zerolease-bench-init && ms_now; cat >/dev/null; })
         [ -n "$t1" ] || die "the bare boot never reached init"

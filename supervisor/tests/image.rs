@@ -186,7 +186,7 @@ fn tampered_files_are_refused_by_verify() {
     assert!(matches!(
         verify(&dir),
         Err(ImageError::DigestMismatch {
-            file: "vmlinuz",
+            file: image::KERNEL_FILE,
             ..
         })
     ));

@@ -28,7 +28,7 @@ pub enum ImageCmd {
         /// Image name, e.g. `minimal`.
         #[arg(long)]
         name: String,
-        /// Directory holding vmlinuz and initramfs.cpio.
+        /// Directory holding vmlinux and initramfs.cpio.
         #[arg(long)]
         dir: PathBuf,
         #[arg(long)]
@@ -163,7 +163,7 @@ pub fn run(cmd: &ImageCmd, j: bool) -> anyhow::Result<ExitStatus> {
                         json(&record)?;
                     } else {
                         println!(
-                            "sealed image `{}`: vmlinuz {} initramfs {} ({} files scanned, clean{})",
+                            "sealed image `{}`: vmlinux {} initramfs {} ({} files scanned, clean{})",
                             record.name,
                             record.kernel.sha256,
                             record.initramfs.sha256,

@@ -36,8 +36,9 @@ use sha2::{Digest, Sha256};
 pub use digest_cache::DigestCache;
 pub use scan::{Allowlist, Finding, Location, Rule, ScanError, ScanReport};
 
-/// The kernel's file name inside an image directory.
-pub const KERNEL_FILE: &str = "vmlinuz";
+/// The kernel's file name inside an image directory: uncompressed, booted
+/// through its PVH entry point (`scripts/build-image` unpacks the bzImage).
+pub const KERNEL_FILE: &str = "vmlinux";
 /// The initramfs's file name inside an image directory.
 pub const INITRAMFS_FILE: &str = "initramfs.cpio";
 /// The root disk's file name inside an image directory (raw ext4, attached

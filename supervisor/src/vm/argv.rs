@@ -424,7 +424,7 @@ mod tests {
             vcpus: 2,
             memory_mib: 512,
             boot: Some(DirectBoot {
-                kernel: "/img/vmlinuz".into(),
+                kernel: "/img/vmlinux".into(),
                 initrd: Some("/img/initrd.img".into()),
             }),
             disk: None,
@@ -466,7 +466,7 @@ mod tests {
             "-bios",
             "qboot.rom",
             "-kernel",
-            "/img/vmlinuz",
+            "/img/vmlinux",
             "-initrd",
             "/img/initrd.img",
             "-append",

@@ -522,7 +522,11 @@ fn a_tampered_image_is_refused_before_anything_is_built() {
     let src = zerolease::image::verify_named("minimal", None).unwrap().dir;
     let copy = images.path().join("minimal");
     std::fs::create_dir(&copy).unwrap();
-    for f in ["vmlinuz", "initramfs.cpio", "image.json"] {
+    for f in [
+        zerolease::image::KERNEL_FILE,
+        zerolease::image::INITRAMFS_FILE,
+        zerolease::image::RECORD_FILE,
+    ] {
         std::fs::copy(src.join(f), copy.join(f)).unwrap();
     }
     let mut bytes = std::fs::read(copy.join("initramfs.cpio")).unwrap();
