@@ -311,7 +311,7 @@ fn kvm_check(qemu: Option<&Path>, kernel: Option<&Path>, bound: Duration) -> Che
             "fix the qemu and image checks, then run zerolease doctor again",
         );
     };
-    match probe_kvm(qemu, kernel, bound) {
+    match probe_boot(qemu, kernel, AccelKind::Kvm, bound) {
         Ok(took) => Check::ok(
             "kvm",
             format!(
@@ -328,19 +328,28 @@ fn kvm_check(qemu: Option<&Path>, kernel: Option<&Path>, bound: Duration) -> Che
     }
 }
 
-/// Boots `kernel` under KVM with the CPU model sessions use, no devices but
-/// a serial log, and waits for the kernel's own messages.
-fn probe_kvm(qemu: &Path, kernel: &Path, bound: Duration) -> Result<Duration, String> {
+/// Boots `kernel` under `accel` with the CPU model sessions use, no devices
+/// but a serial log, and no root: it returns once the kernel's panic about
+/// the missing root shows on the serial log (how long that took), or says
+/// why it did not within `bound`.
+pub fn probe_boot(
+    qemu: &Path,
+    kernel: &Path,
+    accel: AccelKind,
+    bound: Duration,
+) -> Result<Duration, String> {
     let dir =
         tempfile::tempdir().map_err(|e| format!("cannot create a temporary directory: {e}"))?;
     let serial = dir.path().join("serial.log");
     let mut child = Command::new(qemu)
         .args(["-nodefaults", "-no-user-config", "-display", "none"])
-        .args(["-machine", "q35", "-accel", "kvm"])
-        .args(["-cpu", AccelKind::Kvm.cpu(), "-m", "128", "-no-reboot"])
+        .args(["-machine", "q35", "-accel", accel.as_str()])
+        .args(["-cpu", accel.cpu(), "-m", "128", "-no-reboot"])
         .arg("-kernel")
         .arg(kernel)
-        .args(["-append", "console=ttyS0 panic=-1 loglevel=0"])
+        // Only the panic is printed (KERN_EMERG; the panic then turns the
+        // console up). Not `loglevel=0`: that keeps even the panic quiet.
+        .args(["-append", "console=ttyS0 panic=-1 loglevel=1"])
         .arg("-serial")
         .arg(format!("file:{}", serial.display()))
         .stdin(Stdio::null())

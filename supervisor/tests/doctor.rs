@@ -64,6 +64,26 @@ fn doctor_passes_on_a_host_that_runs_sessions_and_names_what_it_tested() {
     }
 }
 
+/// The KVM check's probe, run under TCG (KVM does not run guests on every
+/// host, this one included): it must see the session kernel run. A probe
+/// blind to the kernel calls KVM broken on every host — as it did while the
+/// probe booted with `loglevel=0`, which silences even the panic it waits for.
+#[test]
+fn the_boot_probe_sees_the_session_kernel_run() {
+    if !ready() {
+        return;
+    }
+    let image = zerolease::image::verify_named("minimal", None).unwrap();
+    let took = zerolease::doctor::probe_boot(
+        std::path::Path::new("qemu-system-x86_64"),
+        &image.kernel,
+        zerolease::vm::argv::AccelKind::Tcg,
+        std::time::Duration::from_secs(60),
+    )
+    .unwrap_or_else(|why| panic!("the probe did not see the kernel under TCG: {why}"));
+    assert!(took < std::time::Duration::from_secs(60), "{took:?}");
+}
+
 #[test]
 fn doctor_fails_and_says_how_to_fix_a_missing_image() {
     if !ready() {
