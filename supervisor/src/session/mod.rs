@@ -719,16 +719,13 @@ async fn send(
     channel: &mut (impl AsyncWrite + Unpin),
     msg: &HostMessage,
 ) -> Result<(), SessionError> {
-    let payload = msg
-        .encode()
+    // The protocol's framing into one buffer (zeroized: `Provision` carries
+    // secrets), then one write: QEMU passes each read of the socket to the
+    // guest as its own buffer, which the guest reads on its own.
+    let mut frame = zeroize::Zeroizing::new(Vec::new());
+    zerolease_protocol::FrameWriter::new(&mut *frame)
+        .write_message(msg)
         .map_err(|e| SessionError::Channel(e.to_string()))?;
-    let len = u32::try_from(payload.len())
-        .map_err(|_| SessionError::Channel("message too large".into()))?;
-    // Header and payload in one write: QEMU passes each read of the socket
-    // to the guest as its own buffer, which the guest reads on its own.
-    let mut frame = zeroize::Zeroizing::new(Vec::with_capacity(4 + payload.len()));
-    frame.extend_from_slice(&len.to_be_bytes());
-    frame.extend_from_slice(&payload);
     channel
         .write_all(&frame)
         .await
