@@ -160,6 +160,32 @@ impl<R: Read> FrameReader<R> {
     }
 }
 
+/// One frame, header then payload, in one buffer (zeroized on drop), so it
+/// goes out in one write: on a virtio-serial port each write is its own
+/// buffer and its own notification, and the reader waits for the second.
+/// Refuses a payload longer than `max_len` (at most `u32::MAX`).
+pub fn frame(payload: &[u8], max_len: usize) -> Result<Zeroizing<Vec<u8>>, FrameError> {
+    let max_len = max_len.min(u32::MAX as usize);
+    let len = u32::try_from(payload.len())
+        .ok()
+        .filter(|len| *len as usize <= max_len)
+        .ok_or(FrameError::TooLarge {
+            len: payload.len() as u64,
+            max: max_len,
+        })?;
+    let mut frame = Zeroizing::new(Vec::with_capacity(HEADER_LEN + payload.len()));
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(payload);
+    Ok(frame)
+}
+
+/// `message`, validated and encoded, as one frame within [`MAX_FRAME_LEN`]:
+/// what [`FrameWriter::write_message`] writes, for a caller that writes it
+/// itself (the host's async channel).
+pub fn encode_frame<M: Message>(message: &M) -> Result<Zeroizing<Vec<u8>>, WriteError> {
+    Ok(frame(&message.encode()?, MAX_FRAME_LEN)?)
+}
+
 /// Writes frames to a byte stream.
 #[derive(Debug)]
 pub struct FrameWriter<W> {
@@ -181,21 +207,9 @@ impl<W: Write> FrameWriter<W> {
         Self { inner, max_len }
     }
 
-    /// Writes one frame and flushes.
+    /// Writes one frame, in one write, and flushes.
     pub fn write_frame(&mut self, payload: &[u8]) -> Result<(), FrameError> {
-        let len = u32::try_from(payload.len())
-            .ok()
-            .filter(|len| *len as usize <= self.max_len)
-            .ok_or(FrameError::TooLarge {
-                len: payload.len() as u64,
-                max: self.max_len,
-            })?;
-        // One write of header and payload: on a virtio-serial port each
-        // write is its own buffer and its own notification, and the reader
-        // waits for the second.
-        let mut frame = Zeroizing::new(Vec::with_capacity(HEADER_LEN + payload.len()));
-        frame.extend_from_slice(&len.to_be_bytes());
-        frame.extend_from_slice(payload);
+        let frame = frame(payload, self.max_len)?;
         self.inner
             .write_all(&frame)
             .and_then(|()| self.inner.flush())
@@ -278,6 +292,24 @@ mod tests {
         let mut out = (payload.len() as u32).to_be_bytes().to_vec();
         out.extend_from_slice(payload);
         out
+    }
+
+    /// A frame built for a caller that writes it itself is the same bytes
+    /// a `FrameWriter` writes (and reads back), within the same bound.
+    #[test]
+    fn a_built_frame_is_what_the_writer_writes() {
+        let msg = crate::HostMessage::Shutdown {};
+        let built = encode_frame(&msg).unwrap();
+        let mut written = Vec::new();
+        FrameWriter::new(&mut written).write_message(&msg).unwrap();
+        assert_eq!(&built[..], &written[..]);
+        let back: crate::HostMessage = FrameReader::new(&built[..]).read_message().unwrap();
+        assert_eq!(back.kind(), msg.kind());
+        assert_eq!(&super::frame(b"abc", 3).unwrap()[..], &frame(b"abc")[..]);
+        assert!(matches!(
+            super::frame(b"abcd", 3),
+            Err(FrameError::TooLarge { len: 4, max: 3 })
+        ));
     }
 
     #[test]

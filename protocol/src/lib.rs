@@ -22,7 +22,9 @@ pub mod message;
 pub mod secret;
 pub mod workspace;
 
-pub use frame::{FrameError, FrameReader, FrameWriter, MAX_FRAME_LEN, ReadError, WriteError};
+pub use frame::{
+    FrameError, FrameReader, FrameWriter, MAX_FRAME_LEN, ReadError, WriteError, encode_frame,
+};
 pub use message::{
     CredentialOutcome, DecodeError, EncodeError, FileSpec, GuestMessage, HandshakeError,
     HostMessage, MAX_TTY_DIM, Message, OutputStream, PROTOCOL_VERSION, PlainEnvVar,

@@ -719,13 +719,9 @@ async fn send(
     channel: &mut (impl AsyncWrite + Unpin),
     msg: &HostMessage,
 ) -> Result<(), SessionError> {
-    // The protocol's framing into one buffer (zeroized: `Provision` carries
-    // secrets), then one write: QEMU passes each read of the socket to the
-    // guest as its own buffer, which the guest reads on its own.
-    let mut frame = zeroize::Zeroizing::new(Vec::new());
-    zerolease_protocol::FrameWriter::new(&mut *frame)
-        .write_message(msg)
-        .map_err(|e| SessionError::Channel(e.to_string()))?;
+    // One zeroized buffer (`Provision` carries secrets), one write.
+    let frame =
+        zerolease_protocol::encode_frame(msg).map_err(|e| SessionError::Channel(e.to_string()))?;
     channel
         .write_all(&frame)
         .await

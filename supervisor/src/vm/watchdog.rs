@@ -18,8 +18,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use zerolease_protocol::{
-    FrameReader, FrameWriter, GuestMessage, HandshakeError, HostMessage, MAX_FRAME_LEN,
-    PROTOCOL_VERSION, ProtocolVersion, ReadError, WriteError, accept_hello, answer_hello,
+    FrameReader, GuestMessage, HandshakeError, HostMessage, MAX_FRAME_LEN, PROTOCOL_VERSION,
+    ProtocolVersion, ReadError, WriteError, accept_hello, answer_hello, encode_frame,
 };
 
 use super::argv::{AccelKind, VmSpec};
@@ -160,10 +160,7 @@ pub async fn wait_for_hello(path: &Path) -> Result<Hello, HelloError> {
         .map_err(HelloError::Read)?;
 
     let answer: HostMessage = answer_hello(PROTOCOL_VERSION, &first);
-    let mut out = Vec::new();
-    FrameWriter::new(&mut out)
-        .write_message(&answer)
-        .map_err(HelloError::Answer)?;
+    let out = encode_frame(&answer).map_err(HelloError::Answer)?;
     channel.write_all(&out).await.map_err(HelloError::Io)?;
     let guest_protocol = accept_hello(PROTOCOL_VERSION, &first).map_err(HelloError::Handshake)?;
     let GuestMessage::Hello { agent_version, .. } = first else {
@@ -394,6 +391,7 @@ impl Booter for QemuBooter {
 mod tests {
     use super::*;
     use std::collections::VecDeque;
+    use zerolease_protocol::FrameWriter;
 
     #[test]
     fn accel_parses() {
