@@ -49,6 +49,7 @@ use zerolease_protocol::{
 
 use crate::AGENT_VERSION;
 use crate::credential::{self, CredentialAsk, GitCredential, ServerPolicy};
+use crate::pending::Pending;
 use crate::provision::{self, Layout, Provisioned, paths};
 use crate::run::{self, AgentEvent, AgentIo, Reaping};
 use crate::tty;
@@ -69,6 +70,9 @@ pub struct AgentConfig {
     pub reaping: Reaping,
     /// Where the TTY port is, for interactive agents.
     pub tty_port: tty::PortLookup,
+    /// The network, still being configured while the handshake runs: the
+    /// agent's command starts only once it is up.
+    pub network: Pending,
 }
 
 /// Why the loop stopped without error.
@@ -417,6 +421,8 @@ fn start(
         ),
         None => None,
     };
+    // The command is the first thing that needs the network.
+    config.network.wait().map_err(undo)?;
     let workdir = config.layout.host_path(&spec.workdir);
     if !workdir.exists() {
         std::fs::create_dir_all(&workdir)

@@ -1,4 +1,5 @@
-//! PID 1 boot: mounts, kernel modules, network, then the control channel.
+//! PID 1 boot: mounts, kernel modules, then the control channel, with the
+//! network coming up on its own thread meanwhile.
 //!
 //! Every step takes its paths from a root directory (or sysfs/proc root)
 //! so tests can run the file-level parts against a temp dir; `mount`,
@@ -13,6 +14,9 @@
 //!   route via the host. IPv6 is disabled when the kernel has it.
 //! - The module list can name only files below the kernel's module
 //!   directory (no absolute paths, no `..`).
+//! - The agent's command never starts before the network is configured:
+//!   [`agent`] waits for the [`Pending`] network before it spawns it, and a
+//!   network that failed stops the command.
 
 use crate::{error_chain as chain, log};
 use std::fs::File;
@@ -30,6 +34,7 @@ use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
 
 use crate::agent::{self, AgentConfig, Outcome};
 use crate::cmdline::{self, GuestConfig};
+use crate::pending::Pending;
 use crate::provision::Layout;
 use crate::rootdisk;
 use crate::run::Reaping;
@@ -37,6 +42,9 @@ use crate::virtio;
 
 /// The module load list, relative to the root.
 pub const MODULE_LIST: &str = "lib/modules/zerolease.load";
+
+/// Modules only the network needs: they load on the network's own thread.
+const NETWORK_MODULES: [&str; 3] = ["failover", "net_failover", "virtio_net"];
 
 /// How long to wait for the control port to appear after loading modules.
 const PORT_WAIT: Duration = Duration::from_secs(10);
@@ -488,6 +496,8 @@ struct Booted {
     port: File,
     /// The command git runs as its credential helper.
     helper_command: String,
+    /// The network, still coming up on its own thread.
+    network: Pending,
 }
 
 /// Everything PID 1 does before serving the host.
@@ -516,8 +526,22 @@ fn boot(root: &Path) -> Result<Booted, BootError> {
         .iter()
         .position(|file| is_module(file, "virtio_console"))
         .unwrap_or(0);
-    let loaded = load_modules(&files[..transport])?
-        + load_modules(&without_absent_disks(&files[transport..], &sysfs_root))?;
+    let mut loaded = load_modules(&files[..transport])?;
+    let (net_modules, others): (Vec<PathBuf>, Vec<PathBuf>) =
+        without_absent_disks(&files[transport..], &sysfs_root)
+            .into_iter()
+            .partition(|file| NETWORK_MODULES.iter().any(|name| is_module(file, name)));
+    // The network comes up on its own thread while this one finds the
+    // control port and talks to the host. With a root disk it starts only
+    // after the switch, which moves /sys and /proc and leaves the module
+    // files behind: its modules load here first.
+    let mut network = None;
+    if config.root_disk.is_none() {
+        network = Some(start_network(net_modules, &proc_root, &sysfs_root, &config));
+    } else {
+        loaded += load_modules(&net_modules)?;
+    }
+    loaded += load_modules(&others)?;
     log(&format!("loaded {loaded} kernel modules for {release}"));
     // Where this binary is, before /proc moves: /init in the initramfs.
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/init"));
@@ -531,12 +555,8 @@ fn boot(root: &Path) -> Result<Booted, BootError> {
     } else {
         format!("{} credential", exe.display())
     };
-    disable_ipv6(&proc_root)?;
-    let nic = configure_network(&sysfs_root, &config)?;
-    log(&format!(
-        "{nic}: {}/{} via {}",
-        config.address, config.prefix_len, config.gateway
-    ));
+    let network =
+        network.unwrap_or_else(|| start_network(Vec::new(), &proc_root, &sysfs_root, &config));
     let port = open_control_port(
         &sysfs_root,
         &root.join("dev"),
@@ -547,6 +567,42 @@ fn boot(root: &Path) -> Result<Booted, BootError> {
     Ok(Booted {
         port,
         helper_command,
+        network,
+    })
+}
+
+/// Starts the network on its own thread: loads `modules` (the NIC's
+/// driver), turns IPv6 off and configures IPv4 from `config`. Its console
+/// line says when it is done; a failure is the reason the agent's command
+/// cannot start.
+fn start_network(
+    modules: Vec<PathBuf>,
+    proc_root: &Path,
+    sysfs_root: &Path,
+    config: &GuestConfig,
+) -> Pending {
+    let (proc_root, sysfs_root, config) =
+        (proc_root.to_owned(), sysfs_root.to_owned(), config.clone());
+    Pending::spawn("network", move || {
+        let up = || -> Result<String, BootError> {
+            load_modules(&modules)?;
+            disable_ipv6(&proc_root)?;
+            configure_network(&sysfs_root, &config)
+        };
+        match up() {
+            Ok(nic) => {
+                log(&format!(
+                    "{nic}: {}/{} via {}",
+                    config.address, config.prefix_len, config.gateway
+                ));
+                Ok(())
+            }
+            Err(err) => {
+                let why = chain(&err);
+                log(&format!("network failed: {why}"));
+                Err(why)
+            }
+        }
     })
 }
 
@@ -557,6 +613,7 @@ pub fn pid1_main() -> ! {
         Ok(Booted {
             port,
             helper_command,
+            network,
         }) => {
             let config = AgentConfig {
                 layout: Layout::new(root),
@@ -565,6 +622,7 @@ pub fn pid1_main() -> ! {
                 credential_timeout: Duration::from_secs(30),
                 reaping: Reaping::All,
                 tty_port: crate::tty::lookup_under(root),
+                network,
             };
             let outcome = port
                 .try_clone()

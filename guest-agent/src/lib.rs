@@ -3,9 +3,10 @@
 //! Bird's-eye view, in boot order:
 //! - [`boot`]: PID 1 mounts /proc, /sys, /dev, /dev/pts, /run, /tmp, loads
 //!   the kernel modules listed in `/lib/modules/zerolease.load` (not
-//!   `virtio_blk` when the VM has no disk), configures
-//!   IPv4 from the kernel command line ([`cmdline`]), disables IPv6, finds
-//!   the control port ([`virtio`]) and hands it to [`agent`]; whatever
+//!   `virtio_blk` when the VM has no disk), finds the control port
+//!   ([`virtio`]) and hands it to [`agent`] while a thread ([`pending`])
+//!   configures IPv4 from the kernel command line ([`cmdline`]) and
+//!   disables IPv6; whatever
 //!   happens, it ends by syncing and powering off. With `zl.root=` it first
 //!   switches to the image's read-only root disk under a tmpfs overlay
 //!   ([`rootdisk`]).
@@ -35,6 +36,7 @@ pub mod cmdline;
 pub mod credential;
 pub mod env;
 pub mod passwd;
+pub mod pending;
 pub mod provision;
 pub mod rootdisk;
 pub mod run;

@@ -14,6 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use zerolease_guest::agent::{AgentConfig, Outcome, serve};
+use zerolease_guest::pending::Pending;
 use zerolease_guest::provision::{Layout, paths};
 use zerolease_guest::run::{Reaping, live_processes_of};
 use zerolease_protocol::{
@@ -42,12 +43,20 @@ struct Guest {
     uid: u32,
     host_reader: FrameReader<UnixStream>,
     host_writer: FrameWriter<UnixStream>,
+    /// The host's end again, for its socket options.
+    host_socket: UnixStream,
     agent: std::thread::JoinHandle<Outcome>,
 }
 
 /// Starts the agent's loop on a temp root whose `agent` user has `uid`, and
 /// does the handshake as the host.
 fn start(uid: u32) -> Guest {
+    start_with_network(uid, Pending::finished("network", Ok(())))
+}
+
+/// [`start`], with the network still coming up (or failed) as `network`
+/// says.
+fn start_with_network(uid: u32, network: Pending) -> Guest {
     assert_eq!(
         live_processes_of(uid, Path::new("/proc")),
         0,
@@ -75,6 +84,7 @@ fn start(uid: u32) -> Guest {
         credential_timeout: Duration::from_secs(10),
         reaping: Reaping::AgentOnly,
         tty_port: zerolease_guest::tty::lookup_under(dir.path()),
+        network,
     };
     let agent = std::thread::spawn(move || {
         let reader = guest_end.try_clone().unwrap();
@@ -83,6 +93,7 @@ fn start(uid: u32) -> Guest {
     host_end
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
+    let host_socket = host_end.try_clone().unwrap();
     let mut host_reader = FrameReader::new(host_end.try_clone().unwrap());
     let mut host_writer = FrameWriter::new(host_end);
     let hello: GuestMessage = host_reader.read_message().unwrap();
@@ -100,6 +111,7 @@ fn start(uid: u32) -> Guest {
         uid,
         host_reader,
         host_writer,
+        host_socket,
         agent,
     }
 }
@@ -434,12 +446,68 @@ fn provision_failure_is_reported_and_leaves_nothing() {
     let Guest {
         host_reader,
         host_writer,
+        host_socket,
         agent,
         ..
     } = guest;
     drop(host_reader);
     drop(host_writer);
+    drop(host_socket);
     assert_eq!(agent.join().unwrap(), Outcome::HostGone);
+}
+
+#[test]
+fn the_command_waits_for_the_network_and_a_failed_network_stops_it() {
+    if !need_root() {
+        return;
+    }
+    // The network is still coming up when `Provision` arrives: the files
+    // are written, the command waits.
+    let (up, gate) = std::sync::mpsc::channel::<()>();
+    let network = Pending::spawn("network", move || {
+        gate.recv().map_err(|err| err.to_string())
+    });
+    let mut guest = start_with_network(61_238, network);
+    guest.send(HostMessage::Provision(Box::new(provision(&["true"]))));
+    guest
+        .host_socket
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let early = guest.host_reader.read_message::<GuestMessage>();
+    assert!(
+        early.is_err(),
+        "the agent answered before the network was up: {early:?}"
+    );
+    assert!(guest.layout.host_path(paths::ENV_FILE).exists());
+    assert_eq!(live_processes_of(61_238, Path::new("/proc")), 0);
+    guest
+        .host_socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    up.send(()).unwrap();
+    match guest.recv() {
+        GuestMessage::Provisioned {} => {}
+        other => panic!("expected provisioned, got {other:?}"),
+    }
+    assert!(matches!(guest.recv(), GuestMessage::Started { .. }));
+    let (_, code, _) = guest.output_until_exit();
+    assert_eq!(code, Some(0));
+    guest.finish();
+
+    // A network that failed: the command never runs, the reason reaches
+    // the host, and nothing provisioned is left behind.
+    let failed = Pending::finished("network", Err("cannot bring up on interface eth0".into()));
+    let mut guest = start_with_network(61_239, failed);
+    guest.send(HostMessage::Provision(Box::new(provision(&["true"]))));
+    match guest.recv() {
+        GuestMessage::ProvisionFailed { reason } => {
+            assert_eq!(reason, "network: cannot bring up on interface eth0");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(!guest.layout.host_path(paths::ENV_FILE).exists());
+    assert!(!guest.home().join(".config/tool/token").exists());
+    guest.finish();
 }
 
 /// Runs the loop against a host that answers the hello with `answer` and
@@ -457,6 +525,7 @@ fn handshake_with(
         credential_timeout: Duration::from_secs(1),
         reaping: Reaping::AgentOnly,
         tty_port: zerolease_guest::tty::lookup_under(dir.path()),
+        network: Pending::finished("network", Ok(())),
     };
     let agent = std::thread::spawn(move || {
         let reader = guest_end.try_clone().unwrap();
