@@ -445,8 +445,9 @@ pub fn configure_network(sysfs_root: &Path, config: &GuestConfig) -> Result<Stri
         }
     };
     let sock = inet_socket().map_err(net("open a socket", "-"))?;
-    set_address(&sock, "lo", Ipv4Addr::LOCALHOST).map_err(net("set the address", "lo"))?;
-    set_netmask(&sock, "lo", netmask(8)).map_err(net("set the netmask", "lo"))?;
+    // The kernel gives `lo` 127.0.0.1/8 as it comes up (and no ::1, IPv6
+    // being off by now): setting them first cost two ioctls, about 7 ms
+    // under emulation.
     set_up(&sock, "lo").map_err(net("bring up", "lo"))?;
     let nic = first_nic(sysfs_root)?;
     set_address(&sock, &nic, config.address).map_err(net("set the address", &nic))?;
