@@ -7,7 +7,10 @@
 //! and tap), remove the runtime directory — runs exactly once, after the
 //! session's future has ended for whatever reason: the agent exited, an
 //! error, Ctrl-C, SIGTERM, or the manifest's timeout. Every state change is
-//! an audit record.
+//! an audit record. On a timeout or a signal, a session whose agent runs
+//! with a workspace first revokes its leases and stops the agent, so the
+//! guest brings the workspace back, for at most [`COLLECT_GRACE`]; cleanup
+//! follows either way.
 //!
 //! Layout: this file is the state machine and the message loop; the
 //! features hang off it in their own modules — `progress` (the phase clock),
@@ -33,6 +36,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -243,6 +247,18 @@ pub async fn run(
         .result
 }
 
+/// How long a session that timed out or was interrupted waits for its
+/// agent to stop and its workspace to come back before the teardown.
+pub const COLLECT_GRACE: Duration = Duration::from_secs(60);
+
+/// How [`run_reported`] asks [`drive`] to stop the agent and bring back its
+/// workspace (the reason, once), and learns whether there is one to bring
+/// back: `serving` is set once the agent runs with a workspace.
+struct Stop<'a> {
+    asked: tokio::sync::watch::Receiver<Option<String>>,
+    serving: &'a AtomicBool,
+}
+
 /// A finished run: how it ended and its report (`None` only when it failed
 /// before it had a session id, e.g. on the image check).
 #[derive(Debug)]
@@ -266,6 +282,9 @@ pub async fn run_reported(
         ..Held::default()
     };
     let timeout = manifest.timeout;
+    let interactive = config.tty.is_some();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(None);
+    let serving = AtomicBool::new(false);
     let result = {
         let (mut out, mut err) = (
             log::Tee {
@@ -277,11 +296,38 @@ pub async fn run_reported(
                 log: held.log.clone(),
             },
         );
-        let drive = drive(&vault, &manifest, &config, &mut held, &mut out, &mut err);
-        tokio::select! {
-            r = drive => r,
+        let stop = Stop {
+            asked: stop_rx,
+            serving: &serving,
+        };
+        let drive = drive(
+            &vault, &manifest, &config, &mut held, &mut out, &mut err, stop,
+        );
+        tokio::pin!(drive);
+        let ended = tokio::select! {
+            r = &mut drive => Ok(r),
             _ = tokio::time::sleep(timeout) => Err(SessionError::Timeout(timeout)),
-            _ = interrupted(config.tty.is_some()) => Err(SessionError::Interrupted("signal")),
+            _ = interrupted(interactive) => Err(SessionError::Interrupted("signal")),
+        };
+        match ended {
+            Ok(r) => r,
+            Err(why) => {
+                // An agent with a workspace is stopped and its work brought
+                // back before the teardown, within a bound; a second signal
+                // skips that. The session still ends for `why`.
+                if serving.load(Ordering::SeqCst) {
+                    // No receiver left means `serve` has returned already
+                    // and the result is being collected: wait for it all
+                    // the same.
+                    let _ = stop_tx.send(Some(why.to_string()));
+                    tokio::select! {
+                        _ = &mut drive => {}
+                        _ = tokio::time::sleep(COLLECT_GRACE) => {}
+                        _ = interrupted(interactive) => {}
+                    }
+                }
+                Err(why)
+            }
         }
     };
     held.progress.end(report::ran_through(&result));
@@ -375,6 +421,7 @@ async fn drive(
     held: &mut Held,
     stdout: &mut (dyn Write + Send),
     stderr: &mut (dyn Write + Send),
+    stop: Stop<'_>,
 ) -> Result<RunOutcome, SessionError> {
     held.progress.phase(progress::Phase::ImageCheck);
     let image: VerifiedImage = image::verify_named_with(
@@ -604,6 +651,9 @@ async fn drive(
             }
         }
     });
+    if disks.is_some() {
+        stop.serving.store(true, Ordering::SeqCst);
+    }
     let served = serve(
         vault,
         manifest,
@@ -613,6 +663,7 @@ async fn drive(
         guest_rx,
         control,
         &mut tty_rx,
+        stop.asked,
         stdout,
         stderr,
     )
@@ -805,16 +856,39 @@ async fn serve(
     mut guest: mpsc::Receiver<Result<Option<GuestMessage>, SessionError>>,
     control: UnixListener,
     tty: &mut mpsc::UnboundedReceiver<tty::TtyEvent>,
+    mut stop: tokio::sync::watch::Receiver<Option<String>>,
     stdout: &mut (dyn Write + Send),
     stderr: &mut (dyn Write + Send),
 ) -> Result<RunOutcome, SessionError> {
     let session = held.session.clone().unwrap_or_default();
     let mut pending = leases::PendingUpdates::default();
+    let mut stopping = false;
     let (request_tx, mut requests) = mpsc::channel(8);
     let _acceptor =
         tokio_util::task::AbortOnDropHandle::new(tokio::spawn(accept_control(control, request_tx)));
     loop {
         let msg = tokio::select! {
+            Ok(()) = stop.changed(), if !stopping => {
+                // The session timed out or was interrupted: cut the agent
+                // off, then let it end so the guest brings its workspace
+                // back (see `run_reported`).
+                stopping = true;
+                let why = stop.borrow_and_update().clone().unwrap_or_default();
+                let revoked = vault.revoke(RevokeScope::Session(session.clone()));
+                if let Some(r) = &held.registry {
+                    r.revoke_session(&SessionId::new(&session));
+                }
+                let n = revoked.as_ref().map_or(0, Vec::len);
+                held.transition(vault, "revoked", format!("{why}: {n} lease(s) revoked; stopping the agent to bring back its workspace"));
+                let _ = writeln!(
+                    stderr,
+                    "zerolease: {why}; stopping the agent to bring back its workspace \
+                     (at most {}s; interrupt again to skip)",
+                    COLLECT_GRACE.as_secs()
+                );
+                send(channel, &HostMessage::Revoke { scrub: true }).await?;
+                continue;
+            }
             Some(event) = tty.recv() => match event {
                 tty::TtyEvent::Resize { rows, cols } => {
                     send(channel, &HostMessage::Resize { rows, cols }).await?;

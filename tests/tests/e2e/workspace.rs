@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use zerolease::session::workspace::{self, ApplyError, ApplyOptions};
 use zerolease::session::{self, SessionError};
@@ -304,4 +304,88 @@ fn a_plain_directory_workspace_round_trips() {
     assert!(!plain.join("gone.txt").exists());
     assert!(!plain.join(".git").exists());
     w.assert_no_leftovers(&outcome.session);
+}
+
+/// A session that times out while its agent is still at work: the agent is
+/// cut off and stopped, and what it changed so far comes back all the same.
+#[test]
+fn a_session_that_times_out_still_brings_back_the_work() {
+    if !require_root_and_tools(&["ip", "nft", "qemu-system-x86_64", "git"]) || !image_ready() {
+        return;
+    }
+    let manifest = MANIFEST.replace("timeout: 3m", "timeout: 30s").replace(
+        "resources: { memory: 384MiB }",
+        "resources: { memory: 384MiB }\nworkspace: plain\nworkdir: /home/agent/src",
+    );
+    let script = "echo changed > notes.txt; echo at-work; sleep 600";
+    let w = SessionWorld::with_manifest(&manifest, script);
+    let plain = w.dir.path().join("plain");
+    std::fs::create_dir_all(&plain).unwrap();
+    std::fs::write(plain.join("notes.txt"), "original\n").unwrap();
+    let vault = w.vault.clone();
+    let manifest = w.manifest.clone();
+    let config = w.config();
+    let started = Instant::now();
+    let (outcome, out, err) = w.host.block_on(|| async {
+        let mut out = Vec::new();
+        let mut err = Vec::new();
+        let outcome = session::run(vault, manifest, config, &mut out, &mut err).await;
+        (outcome, out, err)
+    });
+    let took = started.elapsed();
+    let out = String::from_utf8_lossy(&out).into_owned();
+    let err = String::from_utf8_lossy(&err).into_owned();
+    match outcome {
+        Err(SessionError::Timeout(_)) => {}
+        other => panic!("expected a timeout, got {other:?}\n{out}\n{err}"),
+    }
+    assert!(out.contains("at-work"), "{out}\n{err}");
+    assert!(
+        err.contains("stopping the agent to bring back its workspace"),
+        "{err}"
+    );
+    assert!(
+        took < Duration::from_secs(30) + session::COLLECT_GRACE,
+        "took {took:?}"
+    );
+    let sessions: Vec<String> = std::fs::read_dir(w.home().root().join("sessions"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .strip_suffix(".json")
+                .map(str::to_owned)
+        })
+        .collect();
+    let [id] = sessions.as_slice() else {
+        panic!("expected one session, found {sessions:?}");
+    };
+    let patch = std::fs::read(workspace::output_dir(&w.home(), id).join(workspace::PATCH_FILE))
+        .unwrap_or_else(|e| panic!("no patch after the timeout: {e}\n{err}"));
+    let done = workspace::apply(&patch, &plain, ApplyOptions::default()).unwrap();
+    assert_eq!(done.applied, vec!["notes.txt"]);
+    assert_eq!(
+        std::fs::read_to_string(plain.join("notes.txt")).unwrap(),
+        "changed\n"
+    );
+    // The audit log tells the story in order: cut off (leases revoked) for
+    // the timeout, the agent ended, then the session failed as timed out.
+    let details: Vec<String> = w
+        .vault
+        .audit_list(zerolease::vault::AuditFilter::default())
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.record.event == "session_transition")
+        .map(|r| r.record.detail)
+        .collect();
+    let at = |prefix: &str| {
+        details
+            .iter()
+            .position(|d| d.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no `{prefix}` transition in {details:?}"))
+    };
+    assert!(at("revoked: the session timed out") < at("stopping: agent ended"));
+    assert!(at("stopping: agent ended") < at("failed: the session timed out"));
+    w.assert_no_leftovers(id);
 }
