@@ -18,8 +18,9 @@
 # to the hello); the guest agent's console stamps (guest uptime, kept as
 # sessions/<id>/console.log) split that boot into QEMU's start (before the
 # guest kernel's clock starts), the kernel (to init), and the guest agent's
-# own boot (modules, network, control port); its provisioning runs from the
-# control port to the agent command started, the host's answer included.
+# own boot (modules, control port; the network comes up on a thread beside
+# it); its provisioning runs from the control port to the agent command
+# started, the host's answer and any wait for the network included.
 #
 # Bare boots and sessions alternate. The supervisor's overhead is the
 # median, over the pairs, of a session's time to the command minus the bare
@@ -27,7 +28,9 @@
 # is reported too. Memory: the RSS of `zerolease run` while its session
 # idles (QEMU, which holds the guest's RAM, not counted).
 
-bench_session_runs=${ZEROLEASE_BENCH_SESSION_RUNS:-7}
+# 15 pairs by default: the bare boot alone varies by ±150 ms from boot to
+# boot, so the median of 7 pairs moved by 100 ms from run to run.
+bench_session_runs=${ZEROLEASE_BENCH_SESSION_RUNS:-15}
 # vCPUs of both the session and the bare boot; the agent manifests
 # (claude-code, codex) ask for 2.
 bench_session_cpus=${ZEROLEASE_BENCH_SESSION_CPUS:-2}
