@@ -221,6 +221,22 @@ impl Held {
         self.save(|r| r.state = state.to_owned());
     }
 
+    /// Revokes every lease of the running session, in the vault and in the
+    /// proxy (its tunnels are cut), and records the `revoked` state with
+    /// the detail `detail` makes of the count. Returns that count.
+    fn revoke_leases(&mut self, vault: &Vault, detail: impl FnOnce(usize) -> String) -> usize {
+        let Some(session) = self.session.clone() else {
+            return 0;
+        };
+        let revoked = vault.revoke(RevokeScope::Session(session.clone()));
+        if let Some(r) = &self.registry {
+            r.revoke_session(&SessionId::new(&session));
+        }
+        let n = revoked.as_ref().map_or(0, Vec::len);
+        self.transition(vault, "revoked", detail(n));
+        n
+    }
+
     fn save(&mut self, change: impl FnOnce(&mut record::SessionRecord)) {
         if let Some((home, r)) = &mut self.record {
             change(r);
@@ -874,12 +890,9 @@ async fn serve(
                 // back (see `run_reported`).
                 stopping = true;
                 let why = stop.borrow_and_update().clone().unwrap_or_default();
-                let revoked = vault.revoke(RevokeScope::Session(session.clone()));
-                if let Some(r) = &held.registry {
-                    r.revoke_session(&SessionId::new(&session));
-                }
-                let n = revoked.as_ref().map_or(0, Vec::len);
-                held.transition(vault, "revoked", format!("{why}: {n} lease(s) revoked; stopping the agent to bring back its workspace"));
+                held.revoke_leases(vault, |n| {
+                    format!("{why}: {n} lease(s) revoked; stopping the agent to bring back its workspace")
+                });
                 let _ = writeln!(
                     stderr,
                     "zerolease: {why}; stopping the agent to bring back its workspace \
@@ -905,12 +918,9 @@ async fn serve(
                 let Some((line, mut write)) = r else { continue };
                 match Control::parse(&line) {
                     Some(Control::Revoke) => {
-                        let revoked = vault.revoke(RevokeScope::Session(session.clone()));
-                        if let Some(r) = &held.registry {
-                            r.revoke_session(&SessionId::new(&session));
-                        }
-                        let n = revoked.as_ref().map_or(0, Vec::len);
-                        held.transition(vault, "revoked", format!("{n} lease(s) revoked by zerolease revoke; the agent is offline"));
+                        let n = held.revoke_leases(vault, |n| {
+                            format!("{n} lease(s) revoked by zerolease revoke; the agent is offline")
+                        });
                         let _ = write.write_all(format!("ok {n}\n").as_bytes()).await;
                     }
                     Some(Control::Destroy) => {
