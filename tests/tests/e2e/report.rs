@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use zerolease::session::record::SessionRecord;
+use zerolease::session::workspace;
 use zerolease_tests::{require_root_and_tools, zerolease_bin};
 
 use crate::session::{CANARY, SessionWorld, image_ready, walk};
@@ -488,6 +489,62 @@ fn sigterm_during_ci_run_cleans_up_and_still_reports() {
         "{report}"
     );
     assert_no_canary_in_files(w.dir.path());
+}
+
+/// SIGTERM to a session whose agent works on a workspace: the agent is cut
+/// off and stopped, what it changed comes back, and zerolease still exits
+/// as interrupted, leaving nothing behind.
+#[test]
+fn sigterm_still_brings_back_the_workspace() {
+    if !require_root_and_tools(&["ip", "nft", "qemu-system-x86_64", "git"]) || !image_ready() {
+        return;
+    }
+    let w = SessionWorld::with_manifest(
+        MANIFEST,
+        "echo changed > notes.txt; echo started; sleep 300",
+    );
+    let plain = w.dir.path().join("plain");
+    std::fs::create_dir_all(&plain).unwrap();
+    std::fs::write(plain.join("notes.txt"), "original\n").unwrap();
+    let child = spawn_run(&w, &["--workspace", plain.to_str().unwrap()]);
+    let home = w.home();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let record = loop {
+        assert!(Instant::now() < deadline, "the session never ran");
+        if let Some(r) = SessionRecord::all(&home)
+            .into_iter()
+            .find(|r| r.state == "running")
+        {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // The agent has started; give it a moment to write and be in `sleep`.
+    std::thread::sleep(Duration::from_secs(1));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let (code, out, err) = finish(child, Duration::from_secs(120));
+    assert_eq!(code, Some(125), "--- stdout\n{out}--- stderr\n{err}");
+    assert!(
+        err.contains("stopping the agent to bring back its workspace"),
+        "{err}"
+    );
+    let patch = std::fs::read(workspace::output_dir(&home, &record.id).join(workspace::PATCH_FILE))
+        .unwrap_or_else(|e| panic!("no patch after SIGTERM: {e}\n{err}"));
+    let done = workspace::apply(&patch, &plain, workspace::ApplyOptions::default()).unwrap();
+    assert_eq!(done.applied, vec!["notes.txt"]);
+    assert_eq!(
+        std::fs::read_to_string(plain.join("notes.txt")).unwrap(),
+        "changed\n"
+    );
+    w.assert_no_leftovers(&record.id);
+    assert_eq!(
+        SessionRecord::load(&home, &record.id).unwrap().state,
+        "failed"
+    );
 }
 
 /// `--timeout` overrides the manifest's and is hard: it fires even while
