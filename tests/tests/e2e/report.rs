@@ -12,6 +12,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use zerolease::home::StateDir;
 use zerolease::session::record::SessionRecord;
 use zerolease::session::workspace;
 use zerolease_tests::{require_root_and_tools, zerolease_bin};
@@ -90,6 +91,30 @@ fn spawn_run(w: &SessionWorld, args: &[&str]) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap()
+}
+
+/// Waits (bounded) until the session in `home` runs its agent, gives the
+/// agent a second to be at work, then sends `child` SIGTERM. Returns the
+/// session's record.
+fn sigterm_once_running(home: &StateDir, child: &Child) -> SessionRecord {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let record = loop {
+        assert!(Instant::now() < deadline, "the session never ran");
+        if let Some(r) = SessionRecord::all(home)
+            .into_iter()
+            .find(|r| r.state == "running")
+        {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    record
 }
 
 /// Waits for `child` (bounded), returning its exit code and output.
@@ -402,7 +427,7 @@ fn the_documented_ci_steps_run_a_session() {
         !home.join("master.key").exists(),
         "the env source writes no key file"
     );
-    let record = SessionRecord::load(&zerolease::home::StateDir::at(&home), &id).unwrap();
+    let record = SessionRecord::load(&StateDir::at(&home), &id).unwrap();
     assert_eq!(record.state, "destroyed");
     assert!(!home.join("run").join(&id).exists());
     let links = w.host.exec("ip", ["-o", "link", "show"]);
@@ -438,25 +463,8 @@ fn sigterm_during_ci_run_cleans_up_and_still_reports() {
     let report_path = w.dir.path().join("ci-report.json");
     let child = spawn_run(&w, &["--ci", "--report", report_path.to_str().unwrap()]);
     let home = w.home();
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let record = loop {
-        assert!(Instant::now() < deadline, "the session never ran");
-        if let Some(r) = SessionRecord::all(&home)
-            .into_iter()
-            .find(|r| r.state == "running")
-        {
-            break r;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    // The agent has started; give it a moment to be inside `sleep`.
-    std::thread::sleep(Duration::from_secs(1));
+    let record = sigterm_once_running(&home, &child);
     let t = Instant::now();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
     let (code, out, err) = finish(child, Duration::from_secs(60));
     eprintln!(
         "TIMING SIGTERM to exit: {:?}\n--- stdout\n{out}--- stderr\n{err}",
@@ -508,24 +516,7 @@ fn sigterm_still_brings_back_the_workspace() {
     std::fs::write(plain.join("notes.txt"), "original\n").unwrap();
     let child = spawn_run(&w, &["--workspace", plain.to_str().unwrap()]);
     let home = w.home();
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let record = loop {
-        assert!(Instant::now() < deadline, "the session never ran");
-        if let Some(r) = SessionRecord::all(&home)
-            .into_iter()
-            .find(|r| r.state == "running")
-        {
-            break r;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    // The agent has started; give it a moment to write and be in `sleep`.
-    std::thread::sleep(Duration::from_secs(1));
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    let record = sigterm_once_running(&home, &child);
     let (code, out, err) = finish(child, Duration::from_secs(120));
     assert_eq!(code, Some(125), "--- stdout\n{out}--- stderr\n{err}");
     assert!(

@@ -348,19 +348,11 @@ fn a_session_that_times_out_still_brings_back_the_work() {
         took < Duration::from_secs(30) + session::COLLECT_GRACE,
         "took {took:?}"
     );
-    let sessions: Vec<String> = std::fs::read_dir(w.home().root().join("sessions"))
-        .unwrap()
-        .flatten()
-        .filter_map(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .strip_suffix(".json")
-                .map(str::to_owned)
-        })
-        .collect();
-    let [id] = sessions.as_slice() else {
-        panic!("expected one session, found {sessions:?}");
+    let sessions = zerolease::session::record::SessionRecord::all(&w.home());
+    let [record] = sessions.as_slice() else {
+        panic!("expected one session, found {}", sessions.len());
     };
+    let id = &record.id;
     let patch = std::fs::read(workspace::output_dir(&w.home(), id).join(workspace::PATCH_FILE))
         .unwrap_or_else(|e| panic!("no patch after the timeout: {e}\n{err}"));
     let done = workspace::apply(&patch, &plain, ApplyOptions::default()).unwrap();
