@@ -46,6 +46,48 @@ pub const MODULE_LIST: &str = "lib/modules/zerolease.load";
 /// Modules only the network needs: they load on the network's own thread.
 const NETWORK_MODULES: [&str; 3] = ["failover", "net_failover", "virtio_net"];
 
+/// The module only a virtio disk needs: a workspace's or a root disk's.
+const DISK_MODULE: &str = "virtio_blk";
+
+/// The module list split by who loads each part, and when.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ModulePlan {
+    /// The virtio transport: everything listed before `virtio_console`,
+    /// loaded first, as every other driver's devices sit on it.
+    pub transport: Vec<PathBuf>,
+    /// The NIC's driver and what it needs ([`NETWORK_MODULES`]).
+    pub network: Vec<PathBuf>,
+    /// `virtio_blk`, loaded only once a disk is needed.
+    pub disk: Vec<PathBuf>,
+    /// The rest (`virtio_console`, the control port's driver, first).
+    pub rest: Vec<PathBuf>,
+}
+
+impl ModulePlan {
+    /// Splits `files`, kept in their listed order within each part.
+    pub fn new(files: &[PathBuf]) -> ModulePlan {
+        let transport = files
+            .iter()
+            .position(|file| is_module(file, "virtio_console"))
+            .unwrap_or(0);
+        let mut plan = ModulePlan {
+            transport: files[..transport].to_vec(),
+            ..ModulePlan::default()
+        };
+        for file in &files[transport..] {
+            let part = if NETWORK_MODULES.iter().any(|name| is_module(file, name)) {
+                &mut plan.network
+            } else if is_module(file, DISK_MODULE) {
+                &mut plan.disk
+            } else {
+                &mut plan.rest
+            };
+            part.push(file.clone());
+        }
+        plan
+    }
+}
+
 /// How long to wait for the control port to appear after loading modules.
 const PORT_WAIT: Duration = Duration::from_secs(10);
 
@@ -249,30 +291,6 @@ fn is_module(file: &Path, name: &str) -> bool {
         .and_then(|n| n.to_str())
         .and_then(|n| n.strip_prefix(name))
         .is_some_and(|rest| rest == ".ko" || rest.starts_with(".ko."))
-}
-
-/// The virtio device type of block devices (the `device` attribute under
-/// `/sys/bus/virtio/devices`).
-const VIRTIO_BLOCK: &str = "0x0002";
-
-/// `files` without `virtio_blk` when the VM has no virtio disk (a session
-/// without a workspace or root disk): loading it costs an emulated guest
-/// about 10 ms for nothing. Call it once the virtio transport is loaded,
-/// which registers the devices as it loads; when the device list cannot be
-/// read, nothing is left out.
-pub fn without_absent_disks(files: &[PathBuf], sysfs_root: &Path) -> Vec<PathBuf> {
-    let any_disk =
-        std::fs::read_dir(sysfs_root.join("bus/virtio/devices")).map_or(true, |devices| {
-            devices.flatten().any(|device| {
-                std::fs::read_to_string(device.path().join("device"))
-                    .is_ok_and(|kind| kind.trim() == VIRTIO_BLOCK)
-            })
-        });
-    files
-        .iter()
-        .filter(|file| any_disk || !is_module(file, "virtio_blk"))
-        .cloned()
-        .collect()
 }
 
 /// The first interface other than `lo` under `<sysfs_root>/class/net`, by
@@ -499,6 +517,8 @@ struct Booted {
     helper_command: String,
     /// The network, still coming up on its own thread.
     network: Pending,
+    /// The disk's driver, not loaded yet.
+    disk_modules: Vec<PathBuf>,
 }
 
 /// Everything PID 1 does before serving the host.
@@ -520,29 +540,30 @@ fn boot(root: &Path) -> Result<Booted, BootError> {
             source: errno.into(),
         })?;
     let files = module_files(root, &release)?;
-    // The transport first (the modules before the control port's driver):
-    // its devices are then registered, so a driver without a device can be
-    // left out.
-    let transport = files
-        .iter()
-        .position(|file| is_module(file, "virtio_console"))
-        .unwrap_or(0);
-    let mut loaded = load_modules(&files[..transport])?;
-    let (net_modules, others): (Vec<PathBuf>, Vec<PathBuf>) =
-        without_absent_disks(&files[transport..], &sysfs_root)
-            .into_iter()
-            .partition(|file| NETWORK_MODULES.iter().any(|name| is_module(file, name)));
+    let plan = ModulePlan::new(&files);
+    let mut loaded = load_modules(&plan.transport)?;
     // The network comes up on its own thread while this one finds the
-    // control port and talks to the host. With a root disk it starts only
+    // control port and talks to the host; the thread starts first, as the
+    // network is the longer of the two. With a root disk it starts only
     // after the switch, which moves /sys and /proc and leaves the module
-    // files behind: its modules load here first.
-    let mut network = None;
-    if config.root_disk.is_none() {
-        network = Some(start_network(net_modules, &proc_root, &sysfs_root, &config));
-    } else {
-        loaded += load_modules(&net_modules)?;
-    }
-    loaded += load_modules(&others)?;
+    // files behind: its modules, and the disk's, load here first.
+    let (network, disk_modules) = match config.root_disk {
+        None => (
+            Some(start_network(
+                plan.network,
+                &proc_root,
+                &sysfs_root,
+                &config,
+            )),
+            plan.disk,
+        ),
+        Some(_) => {
+            loaded += load_modules(&plan.network)?;
+            loaded += load_modules(&plan.disk)?;
+            (None, Vec::new())
+        }
+    };
+    loaded += load_modules(&plan.rest)?;
     log(&format!("loaded {loaded} kernel modules for {release}"));
     // Where this binary is, before /proc moves: /init in the initramfs.
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/init"));
@@ -569,6 +590,7 @@ fn boot(root: &Path) -> Result<Booted, BootError> {
         port,
         helper_command,
         network,
+        disk_modules,
     })
 }
 
@@ -615,6 +637,7 @@ pub fn pid1_main() -> ! {
             port,
             helper_command,
             network,
+            disk_modules,
         }) => {
             let config = AgentConfig {
                 layout: Layout::new(root),
@@ -624,6 +647,7 @@ pub fn pid1_main() -> ! {
                 reaping: Reaping::All,
                 tty_port: crate::tty::lookup_under(root),
                 network,
+                disk_modules,
             };
             let outcome = port
                 .try_clone()
@@ -682,24 +706,35 @@ mod tests {
     }
 
     #[test]
-    fn virtio_blk_is_loaded_only_for_a_virtio_disk() {
-        let sysfs = tempfile::tempdir().unwrap();
-        let files = under_kernel(&["virtio_net.ko", "block/virtio_blk.ko.xz", "ext4.ko"]);
-        // No device list to read: nothing is left out.
-        assert_eq!(without_absent_disks(&files, sysfs.path()), files);
-        let devices = sysfs.path().join("bus/virtio/devices");
-        let device = |name: &str, kind: &str| {
-            std::fs::create_dir_all(devices.join(name)).unwrap();
-            std::fs::write(devices.join(name).join("device"), format!("{kind}\n")).unwrap();
-        };
-        device("virtio0", "0x0003");
-        device("virtio1", "0x0001");
+    fn the_module_plan_splits_the_list_by_who_loads_it() {
+        let files = under_kernel(&[
+            "virtio/virtio.ko",
+            "virtio/virtio_pci.ko.xz",
+            "char/virtio_console.ko",
+            "net/core/failover.ko",
+            "net/virtio_net.ko.zst",
+            "block/virtio_blk.ko",
+            "fs/ext4.ko",
+        ]);
         assert_eq!(
-            without_absent_disks(&files, sysfs.path()),
-            under_kernel(&["virtio_net.ko", "ext4.ko"])
+            ModulePlan::new(&files),
+            ModulePlan {
+                transport: under_kernel(&["virtio/virtio.ko", "virtio/virtio_pci.ko.xz"]),
+                network: under_kernel(&["net/core/failover.ko", "net/virtio_net.ko.zst"]),
+                disk: under_kernel(&["block/virtio_blk.ko"]),
+                rest: under_kernel(&["char/virtio_console.ko", "fs/ext4.ko"]),
+            }
         );
-        device("virtio2", "0x0002");
-        assert_eq!(without_absent_disks(&files, sysfs.path()), files);
+        // Without virtio_console there is no transport to put first.
+        let plain = under_kernel(&["block/virtio_blk.ko", "fs/ext4.ko"]);
+        assert_eq!(
+            ModulePlan::new(&plain),
+            ModulePlan {
+                disk: under_kernel(&["block/virtio_blk.ko"]),
+                rest: under_kernel(&["fs/ext4.ko"]),
+                ..ModulePlan::default()
+            }
+        );
     }
 
     #[test]

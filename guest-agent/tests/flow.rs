@@ -20,7 +20,7 @@ use zerolease_guest::run::{Reaping, live_processes_of};
 use zerolease_protocol::{
     CredentialOutcome, FileSpec, FrameReader, FrameWriter, GuestMessage, HostMessage, OutputStream,
     PROTOCOL_VERSION, PlainEnvVar, Provision, ProxySettings, SecretBytes, SecretEnvVar,
-    SecretString,
+    SecretString, WorkspaceSpec,
 };
 
 const TRICKY: &str = "ghp_'quote' \"dq\" $(touch /tmp/zl-pwned) `id` $HOME\nline2 \\ end";
@@ -57,6 +57,12 @@ fn start(uid: u32) -> Guest {
 /// [`start`], with the network still coming up (or failed) as `network`
 /// says.
 fn start_with_network(uid: u32, network: Pending) -> Guest {
+    start_with(uid, network, Vec::new())
+}
+
+/// [`start_with_network`], with `disk_modules` as the disk's driver files
+/// not loaded yet.
+fn start_with(uid: u32, network: Pending, disk_modules: Vec<PathBuf>) -> Guest {
     assert_eq!(
         live_processes_of(uid, Path::new("/proc")),
         0,
@@ -85,6 +91,7 @@ fn start_with_network(uid: u32, network: Pending) -> Guest {
         reaping: Reaping::AgentOnly,
         tty_port: zerolease_guest::tty::lookup_under(dir.path()),
         network,
+        disk_modules,
     };
     let agent = std::thread::spawn(move || {
         let reader = guest_end.try_clone().unwrap();
@@ -510,6 +517,40 @@ fn the_command_waits_for_the_network_and_a_failed_network_stops_it() {
     guest.finish();
 }
 
+#[test]
+fn the_disk_driver_loads_only_for_a_workspace() {
+    if !need_root() {
+        return;
+    }
+    // A driver file that cannot load: a session that never touches it
+    // runs, one with a workspace (whose disks it drives) fails on it.
+    let missing = tempfile::tempdir().unwrap().path().join("virtio_blk.ko");
+    let ready = || Pending::finished("network", Ok(()));
+    let mut guest = start_with(61_240, ready(), vec![missing.clone()]);
+    guest.provision(&["true"]);
+    let (_, code, _) = guest.output_until_exit();
+    assert_eq!(code, Some(0));
+    guest.finish();
+
+    let mut guest = start_with(61_241, ready(), vec![missing.clone()]);
+    let mut spec = provision(&["true"]);
+    spec.workspace = Some(WorkspaceSpec {
+        path: "/home/agent/work".into(),
+        base: None,
+    });
+    guest.send(HostMessage::Provision(Box::new(spec)));
+    match guest.recv() {
+        GuestMessage::ProvisionFailed { reason } => {
+            assert!(reason.starts_with("workspace: "), "{reason}");
+            assert!(reason.contains(&missing.display().to_string()), "{reason}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(!guest.layout.host_path(paths::ENV_FILE).exists());
+    assert!(!guest.home().join(".config/tool/token").exists());
+    guest.finish();
+}
+
 /// Runs the loop against a host that answers the hello with `answer` and
 /// then sends `then` (raw frames); returns the loop's result.
 fn handshake_with(
@@ -526,6 +567,7 @@ fn handshake_with(
         reaping: Reaping::AgentOnly,
         tty_port: zerolease_guest::tty::lookup_under(dir.path()),
         network: Pending::finished("network", Ok(())),
+        disk_modules: Vec::new(),
     };
     let agent = std::thread::spawn(move || {
         let reader = guest_end.try_clone().unwrap();
