@@ -91,6 +91,12 @@ impl ModulePlan {
 /// How long to wait for the control port to appear after loading modules.
 const PORT_WAIT: Duration = Duration::from_secs(10);
 
+/// How often to look for the control port at first.
+const PORT_POLL: Duration = Duration::from_millis(2);
+
+/// For how long to look that often, before the pause doubles.
+const PORT_POLL_FAST: Duration = Duration::from_millis(200);
+
 /// Why a boot step failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
@@ -483,11 +489,13 @@ pub fn open_control_port(
     name: &str,
     wait: Duration,
 ) -> Result<File, BootError> {
-    let deadline = Instant::now() + wait;
+    let start = Instant::now();
+    let deadline = start + wait;
     // The driver adds ports from a work queue once QEMU announces them, so
-    // a port can appear a few milliseconds after the module loaded: look
-    // again soon, then less often.
-    let mut pause = Duration::from_millis(2);
+    // a port appears 5 to 25 ms after the module loaded under emulation:
+    // look every 2 ms for a while (a doubling pause overshot by up to
+    // 16 ms), then less often.
+    let mut pause = PORT_POLL;
     loop {
         let found = virtio::find_port(sysfs_root, name)
             .map_err(|err| BootError::Startup(crate::StartupError::Port(err)))
@@ -504,7 +512,9 @@ pub fn open_control_port(
             Err(err) if Instant::now() >= deadline => return Err(err),
             Err(_) => {
                 std::thread::sleep(pause);
-                pause = (pause * 2).min(Duration::from_millis(100));
+                if start.elapsed() >= PORT_POLL_FAST {
+                    pause = (pause * 2).min(Duration::from_millis(100));
+                }
             }
         }
     }
