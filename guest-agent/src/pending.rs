@@ -10,8 +10,8 @@
 //! and every call gives the same answer, so a step that failed is never
 //! taken for done by a later caller.
 
+use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::thread::JoinHandle;
 
 /// A step that may still be running. Clones share it.
 #[derive(Clone)]
@@ -21,7 +21,11 @@ pub struct Pending {
 }
 
 struct State {
-    running: Option<JoinHandle<Result<(), String>>>,
+    /// Where the step's thread sends its result: it sends as the step
+    /// returns, before the thread's own teardown (freeing its stack costs
+    /// an emulated guest a few milliseconds, which `join` would wait for).
+    /// A thread that panicked drops the sender without sending.
+    running: Option<Receiver<Result<(), String>>>,
     result: Result<(), String>,
 }
 
@@ -51,14 +55,16 @@ impl Pending {
     where
         F: FnOnce() -> Result<(), String> + Send + 'static,
     {
+        let (tx, rx) = mpsc::sync_channel(1);
         match std::thread::Builder::new()
             .name(what.to_owned())
-            .spawn(step)
-        {
-            Ok(handle) => Pending {
+            .spawn(move || {
+                let _ = tx.send(step());
+            }) {
+            Ok(_detached) => Pending {
                 what,
                 state: Arc::new(Mutex::new(State {
-                    running: Some(handle),
+                    running: Some(rx),
                     result: Ok(()),
                 })),
             },
@@ -70,9 +76,9 @@ impl Pending {
     /// why.
     pub fn wait(&self) -> Result<(), String> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(handle) = state.running.take() {
-            state.result = handle
-                .join()
+        if let Some(done) = state.running.take() {
+            state.result = done
+                .recv()
                 .unwrap_or_else(|_| Err("its thread panicked".to_owned()));
         }
         state
@@ -85,7 +91,6 @@ impl Pending {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::mpsc;
     use std::time::Duration;
 
     #[test]
