@@ -4,9 +4,9 @@
 //!
 //! One session checks several promises at once, since a boot costs ~10 s:
 //! the leased call works with the env-injected token; an unleased name, a
-//! direct IP, and UDP from inside the VM all fail; the agent's exit code
-//! comes out; nothing is left behind; every lease is revoked; and the
-//! canary secret is nowhere outside the vault's ciphertext.
+//! direct IP, and UDP from inside the VM all fail, and it has no IPv6; the
+//! agent's exit code comes out; nothing is left behind; every lease is
+//! revoked; and the canary secret is nowhere outside the vault's ciphertext.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,13 +30,15 @@ use crate::world::{UPSTREAM, sa};
 pub(crate) const CANARY: &str = "zl-canary-token-5d41402abc4b2a76b9719d911017c592";
 pub(crate) const API: &str = "api.session.test";
 
-/// The agent's script: the leased call, then three things that must fail,
-/// each printing its outcome, then an exit code of its own.
+/// The agent's script: the leased call, then three things that must fail
+/// and the guest's IPv6 addresses (none), each printing its outcome, then
+/// an exit code of its own.
 const SCRIPT: &str = r#"
 curl -sS -H "Authorization: Bearer $API_TOKEN" https://api.session.test/auth
 echo "unleased=$(curl -s -o /dev/null -w '%{http_connect}' --max-time 5 https://other.session.test/hello; echo rc$?)"
 echo "direct=$(curl -s -o /dev/null --noproxy '*' --max-time 5 -k https://198.18.0.2/hello; echo rc$?)"
 echo "udp=$(echo x | nc -u -w 2 198.18.0.2 53 >/dev/null 2>&1; nslookup -timeout=2 example.com 198.18.0.2 >/dev/null 2>&1; echo rc$?)"
+echo "ipv6=$(cat /proc/net/if_inet6 2>/dev/null | wc -l)"
 echo "file=$(stat -c '%a %U' .config/api/token.conf) $(sha256sum .config/api/token.conf | cut -d' ' -f1)"
 echo "pwned=$(ls /tmp/pwned /tmp/pwned2 2>/dev/null | wc -l)"
 git clone -q https://api.session.test/git/repo.git r && cd r && git -c user.name=vm -c user.email=vm@example.invalid commit -q --allow-empty -m from-vm && git push -q origin HEAD && echo git=push-ok
@@ -328,6 +330,9 @@ fn a_session_runs_the_agent_with_its_lease_and_leaves_nothing() {
     assert!(out.contains("unleased=403rc56"), "{out}");
     assert!(!out.contains("direct=rc0"), "{out}");
     assert!(!out.contains("udp=rc0"), "{out}");
+    // IPv6 is off in the guest: no address at all, not even `::1` (the
+    // jail drops it too, which the namespace tests show).
+    assert!(out.contains("ipv6=0\n"), "{out}");
     // The templated file is byte-exact, 0600, the agent's; nothing in it ran.
     let digest = {
         use sha2::Digest;
