@@ -81,6 +81,11 @@ run_session_bench() {
     cargo build --quiet --release --bin zerolease
     scripts/build-image minimal >&2
     local zl="$ZL_ROOT/target/release/zerolease" img="$ZL_ROOT/images/out/minimal"
+    # A fresh build leaves about 80 MiB of the image dirty in the page
+    # cache. Its writeback starts some 30 s later, inside a timed session,
+    # where it stalled the session's first fsync'd audit write by 40-220 ms
+    # (a later pair's "image check" looked like a rehash): flush it now.
+    sync
     local tmp ns
     tmp="$(mktemp -d -t zerolease-bench.XXXXXX)"
     ns="zl-bench-$$"
