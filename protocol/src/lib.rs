@@ -19,6 +19,8 @@
 
 pub mod frame;
 pub mod message;
+#[doc(hidden)]
+pub mod props;
 pub mod secret;
 pub mod workspace;
 

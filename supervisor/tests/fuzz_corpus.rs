@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use zerolease::proxy::props::{connect_property, domain_property, sni_property};
+use zerolease::session::workspace::{Refusal, check_patch, check_result_properties};
 
 fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -47,6 +48,41 @@ fn sni_corpus_holds_its_property() {
 #[test]
 fn domain_corpus_holds_its_property() {
     run("domain", domain_property);
+}
+
+#[test]
+fn workspace_result_corpus_holds_its_property() {
+    run("workspace_result", check_result_properties);
+}
+
+/// The workspace seeds are what their names say, so the property above
+/// runs over safe sections and over each kind of refusal.
+#[test]
+fn the_workspace_seeds_cover_safe_and_refused_sections() {
+    let refusals = |name: &str| -> Vec<Vec<Refusal>> {
+        let (_, bytes) = corpus("workspace_result")
+            .into_iter()
+            .find(|(p, _)| p.ends_with(name))
+            .unwrap_or_else(|| panic!("no seed {name}"));
+        check_patch(&bytes)
+            .into_iter()
+            .map(|s| s.refusals)
+            .collect()
+    };
+    assert_eq!(refusals("safe-edit-and-new-file.patch"), [vec![], vec![]]);
+    assert_eq!(
+        refusals("git-hook-then-safe.patch"),
+        [vec![Refusal::GitDir], vec![]]
+    );
+    assert_eq!(refusals("symlink-escape.patch"), [vec![Refusal::Symlink]]);
+    assert_eq!(refusals("rename-outside.patch"), [vec![Refusal::Escapes]]);
+    let preamble = refusals("mail-preamble.patch");
+    assert_eq!(preamble.len(), 2);
+    assert!(
+        !preamble[0].is_empty() && preamble[1].is_empty(),
+        "{preamble:?}"
+    );
+    assert_eq!(refusals("binary.patch").len(), 1);
 }
 
 #[test]

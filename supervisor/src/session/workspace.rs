@@ -1153,8 +1153,8 @@ impl Drop for TempDir {
 }
 
 /// Properties of [`check_patch`] and [`OutHeader::decode`] on arbitrary
-/// bytes, beyond "does not panic"; the fuzz target `workspace_result` and a
-/// proptest call this. Panics when one fails.
+/// bytes, beyond "does not panic"; the fuzz target `workspace_result`, a
+/// proptest and the seed-corpus test call this. Panics when one fails.
 pub fn check_result_properties(data: &[u8]) {
     // The header: lengths that fit the "disk", and a round trip.
     if let Ok(header) = OutHeader::decode(data, data.len() as u64) {
