@@ -12,10 +12,8 @@
 # Against it: `zerolease run` of a session whose command is `true`, timed
 # from the process start to each phase from the session's own audit records
 # (millisecond timestamps): created (vault open, image verified), booting
-# (leases granted), guest hello (jail, proxy, QEMU, kernel, guest agent up;
-# recorded as `provisioning` once the host has sent the provisioning, well
-# under a millisecond after the hello), command started (provisioned), and
-# teardown (stopping to destroyed).
+# (leases granted), guest hello (jail, proxy, QEMU, kernel, guest agent up),
+# command started (provisioned), and teardown (stopping to destroyed).
 # The session's report adds the jail's time and the boot phase (QEMU's spawn
 # to the hello); the guest agent's console stamps (guest uptime, kept as
 # sessions/<id>/console.log) split that boot into QEMU's start (before the

@@ -611,55 +611,51 @@ async fn drive(
     sealed?;
     let (mut from_guest, mut channel) = booted.hello.channel.into_split();
     held.progress.phase(progress::Phase::Provisioning);
-    let hello = format!(
-        "guest agent {} said hello under {}",
-        booted.hello.agent_version, booted.accel
+    held.transition(
+        vault,
+        "provisioning",
+        format!(
+            "guest agent {} said hello under {}",
+            booted.hello.agent_version, booted.accel
+        ),
     );
-    // The transition is recorded once `Provision` is on its way (or could
-    // not be made): its audit record and state file take 2-7 ms, which
-    // the guest now spends writing the files instead of waiting.
-    let sent = async {
-        let command = config
-            .command
-            .clone()
-            .unwrap_or_else(|| manifest.command.clone());
-        let proxy_url = format!("http://{host}:{}", PORTS.connect);
-        let mut provision = provision::build(vault, manifest, &leases, command, &proxy_url)?;
-        if let Some(w) = &ws {
-            workspace::provision(&mut provision, w, manifest);
-        }
-        provision.tty = config.tty.clone();
-        // The terminal is joined before the agent starts, so its first output
-        // and the user's first keys are not lost.
-        let (tty_tx, tty_rx) = mpsc::unbounded_channel();
-        let relay = match &config.tty {
-            Some(_) => {
-                let socket = held
-                    .vm
-                    .as_ref()
-                    .map(Vm::tty_socket)
-                    .ok_or_else(|| SessionError::Setup("the VM is gone".into()))?;
-                let hint = format!(
-                    "zerolease: session {session} is interactive; type Enter ~ . to stop it (~~ sends ~)"
-                );
-                let dir = held.runtime_dir.clone().unwrap_or_default();
-                Some(tty::Joined::start(
-                    config.detached,
-                    &socket,
-                    &dir,
-                    tty_tx.clone(),
-                    &hint,
-                    held.log.clone(),
-                )?)
-            }
-            None => None,
-        };
-        send(&mut channel, &HostMessage::Provision(Box::new(provision))).await?;
-        Ok::<_, SessionError>((relay, tty_tx, tty_rx))
+
+    let command = config
+        .command
+        .clone()
+        .unwrap_or_else(|| manifest.command.clone());
+    let proxy_url = format!("http://{host}:{}", PORTS.connect);
+    let mut provision = provision::build(vault, manifest, &leases, command, &proxy_url)?;
+    if let Some(w) = &ws {
+        workspace::provision(&mut provision, w, manifest);
     }
-    .await;
-    held.transition(vault, "provisioning", hello);
-    let (relay, tty_tx, mut tty_rx) = sent?;
+    provision.tty = config.tty.clone();
+    // The terminal is joined before the agent starts, so its first output
+    // and the user's first keys are not lost.
+    let (tty_tx, mut tty_rx) = mpsc::unbounded_channel();
+    let relay = match &config.tty {
+        Some(_) => {
+            let socket = held
+                .vm
+                .as_ref()
+                .map(Vm::tty_socket)
+                .ok_or_else(|| SessionError::Setup("the VM is gone".into()))?;
+            let hint = format!(
+                "zerolease: session {session} is interactive; type Enter ~ . to stop it (~~ sends ~)"
+            );
+            let dir = held.runtime_dir.clone().unwrap_or_default();
+            Some(tty::Joined::start(
+                config.detached,
+                &socket,
+                &dir,
+                tty_tx.clone(),
+                &hint,
+                held.log.clone(),
+            )?)
+        }
+        None => None,
+    };
+    send(&mut channel, &HostMessage::Provision(Box::new(provision))).await?;
 
     let (guest_tx, guest_rx) = mpsc::channel(64);
     let reader = tokio::spawn(async move {
