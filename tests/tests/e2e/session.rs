@@ -382,6 +382,27 @@ fn a_session_runs_the_agent_with_its_lease_and_leaves_nothing() {
     ] {
         assert!(of_session.contains(&event), "no {event} in {of_session:?}");
     }
+    // The log tells the lifecycle as it was: the secrets are injected while
+    // the session is provisioning, after the guest's hello and before the
+    // agent runs.
+    let story: Vec<String> = records
+        .iter()
+        .filter(|r| r.record.session.as_deref() == Some(outcome.session.as_str()))
+        .map(|r| format!("{}: {}", r.record.event, r.record.detail))
+        .collect();
+    let at = |prefix: &str| story.iter().position(|line| line.starts_with(prefix));
+    let injected: Vec<usize> = (0..story.len())
+        .filter(|&i| story[i].starts_with("lease_accessed: injected"))
+        .collect();
+    let (hello, running) = (
+        at("session_transition: provisioning:").expect("a provisioning transition"),
+        at("session_transition: running:").expect("a running transition"),
+    );
+    assert!(!injected.is_empty(), "{story:#?}");
+    assert!(
+        injected.iter().all(|&i| hello < i && i < running),
+        "{story:#?}"
+    );
     assert!(vault.audit_verify().unwrap().is_intact());
 
     // The canary is nowhere on the host outside the vault's ciphertext: not
