@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use zerolease::proxy::props::{connect_property, domain_property, sni_property};
 use zerolease::session::workspace::{Refusal, check_patch, check_result_properties};
+use zerolease_protocol::props::{FUZZ_MAX_FRAME, frame_property};
+use zerolease_protocol::{FrameError, FrameReader, GuestMessage, HostMessage, Message};
 
 fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -51,6 +53,55 @@ fn domain_corpus_holds_its_property() {
 }
 
 #[test]
+fn protocol_frame_corpus_holds_its_property() {
+    run("protocol_frame", frame_property);
+}
+
+/// The seed of `target` named `name`.
+fn seed(target: &str, name: &str) -> Vec<u8> {
+    corpus(target)
+        .into_iter()
+        .find(|(p, _)| p.ends_with(name))
+        .unwrap_or_else(|| panic!("no seed {target}/{name}"))
+        .1
+}
+
+/// The frame seeds reach what the property checks: messages of both
+/// directions that decode (and so round-trip), the bound, a cut-off frame.
+#[test]
+fn the_frame_seeds_are_what_their_names_say() {
+    let frames = |name: &str| {
+        let bytes = seed("protocol_frame", name);
+        let mut reader = FrameReader::with_max_len(&bytes[..], FUZZ_MAX_FRAME);
+        let mut out = Vec::new();
+        let end = loop {
+            match reader.read_frame() {
+                Ok(frame) => out.push(frame.to_vec()),
+                Err(e) => break e,
+            }
+        };
+        (out, end)
+    };
+    let (guest, end) = frames("guest-stream");
+    assert!(matches!(end, FrameError::Closed));
+    assert_eq!(guest.len(), 6);
+    assert!(guest.iter().all(|f| GuestMessage::decode(f).is_ok()));
+    let (host, _) = frames("host-stream");
+    assert_eq!(host.len(), 5);
+    assert!(host.iter().all(|f| HostMessage::decode(f).is_ok()));
+    let (provision, _) = frames("provision");
+    assert!(matches!(
+        HostMessage::decode(&provision[0]),
+        Ok(HostMessage::Provision(_))
+    ));
+    assert!(matches!(frames("oversize").1, FrameError::TooLarge { .. }));
+    assert!(matches!(
+        frames("truncated").1,
+        FrameError::Truncated { .. }
+    ));
+}
+
+#[test]
 fn workspace_result_corpus_holds_its_property() {
     run("workspace_result", check_result_properties);
 }
@@ -60,11 +111,7 @@ fn workspace_result_corpus_holds_its_property() {
 #[test]
 fn the_workspace_seeds_cover_safe_and_refused_sections() {
     let refusals = |name: &str| -> Vec<Vec<Refusal>> {
-        let (_, bytes) = corpus("workspace_result")
-            .into_iter()
-            .find(|(p, _)| p.ends_with(name))
-            .unwrap_or_else(|| panic!("no seed {name}"));
-        check_patch(&bytes)
+        check_patch(&seed("workspace_result", name))
             .into_iter()
             .map(|s| s.refusals)
             .collect()
