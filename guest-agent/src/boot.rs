@@ -24,6 +24,7 @@ use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -43,8 +44,14 @@ use crate::virtio;
 /// The module load list, relative to the root.
 pub const MODULE_LIST: &str = "lib/modules/zerolease.load";
 
-/// Modules only the network needs: they load on the network's own thread.
-const NETWORK_MODULES: [&str; 3] = ["failover", "net_failover", "virtio_net"];
+/// Modules only the network needs that do not sit on the virtio transport:
+/// the network's own thread loads them while the transport loads.
+const NETWORK_MODULES: [&str; 2] = ["failover", "net_failover"];
+
+/// The NIC's driver: its devices sit on the transport, so the network's
+/// thread loads it once the transport is in (loaded earlier, its probe would
+/// run inside the transport's, on the other thread).
+const NIC_MODULE: &str = "virtio_net";
 
 /// The module only a virtio disk needs: a workspace's or a root disk's.
 const DISK_MODULE: &str = "virtio_blk";
@@ -55,8 +62,11 @@ pub struct ModulePlan {
     /// The virtio transport: everything listed before `virtio_console`,
     /// loaded first, as every other driver's devices sit on it.
     pub transport: Vec<PathBuf>,
-    /// The NIC's driver and what it needs ([`NETWORK_MODULES`]).
+    /// What the NIC's driver needs besides the transport
+    /// ([`NETWORK_MODULES`]).
     pub network: Vec<PathBuf>,
+    /// The NIC's driver ([`NIC_MODULE`]).
+    pub nic: Vec<PathBuf>,
     /// `virtio_blk`, loaded only once a disk is needed.
     pub disk: Vec<PathBuf>,
     /// The rest (`virtio_console`, the control port's driver, first).
@@ -77,6 +87,8 @@ impl ModulePlan {
         for file in &files[transport..] {
             let part = if NETWORK_MODULES.iter().any(|name| is_module(file, name)) {
                 &mut plan.network
+            } else if is_module(file, NIC_MODULE) {
+                &mut plan.nic
             } else if is_module(file, DISK_MODULE) {
                 &mut plan.disk
             } else {
@@ -164,6 +176,9 @@ pub enum BootError {
         #[source]
         source: io::Error,
     },
+    /// The virtio transport failed to load, so the NIC cannot appear.
+    #[error("the virtio transport did not load")]
+    NoTransport,
     /// The control port is missing.
     #[error("cannot find the control port")]
     Startup(#[from] crate::StartupError),
@@ -457,27 +472,39 @@ fn add_default_route(sock: &OwnedFd, gateway: Ipv4Addr) -> io::Result<()> {
     }
 }
 
-/// Brings up `lo` and the first NIC with the command line's address and
-/// default route. Returns the NIC's name.
-pub fn configure_network(sysfs_root: &Path, config: &GuestConfig) -> Result<String, BootError> {
-    let net = |action, interface: &str| {
-        let interface = interface.to_owned();
-        move |source| BootError::Net {
-            action,
-            interface,
-            source,
-        }
-    };
-    let sock = inet_socket().map_err(net("open a socket", "-"))?;
-    // The kernel gives `lo` 127.0.0.1/8 as it comes up (and no ::1, IPv6
-    // being off by now): setting them first cost two ioctls, about 7 ms
-    // under emulation.
-    set_up(&sock, "lo").map_err(net("bring up", "lo"))?;
+/// The error maker for a failed interface step.
+fn net_step(action: &'static str, interface: &str) -> impl FnOnce(io::Error) -> BootError {
+    let interface = interface.to_owned();
+    move |source| BootError::Net {
+        action,
+        interface,
+        source,
+    }
+}
+
+/// Opens the socket the interface ioctls go through and brings up `lo`.
+/// The kernel gives `lo` 127.0.0.1/8 as it comes up (and no ::1 once IPv6
+/// is off): setting them first cost two ioctls, about 7 ms under emulation.
+/// Needs no driver, so it runs before the NIC's is loaded.
+fn loopback_up() -> Result<OwnedFd, BootError> {
+    let sock = inet_socket().map_err(net_step("open a socket", "-"))?;
+    set_up(&sock, "lo").map_err(net_step("bring up", "lo"))?;
+    Ok(sock)
+}
+
+/// Brings up the first NIC with the command line's address and default
+/// route, through `sock` from [`loopback_up`]. Returns the NIC's name.
+fn configure_nic(
+    sock: &OwnedFd,
+    sysfs_root: &Path,
+    config: &GuestConfig,
+) -> Result<String, BootError> {
     let nic = first_nic(sysfs_root)?;
-    set_address(&sock, &nic, config.address).map_err(net("set the address", &nic))?;
-    set_netmask(&sock, &nic, netmask(config.prefix_len)).map_err(net("set the netmask", &nic))?;
-    set_up(&sock, &nic).map_err(net("bring up", &nic))?;
-    add_default_route(&sock, config.gateway).map_err(net("add the default route", &nic))?;
+    set_address(sock, &nic, config.address).map_err(net_step("set the address", &nic))?;
+    set_netmask(sock, &nic, netmask(config.prefix_len))
+        .map_err(net_step("set the netmask", &nic))?;
+    set_up(sock, &nic).map_err(net_step("bring up", &nic))?;
+    add_default_route(sock, config.gateway).map_err(net_step("add the default route", &nic))?;
     Ok(nic)
 }
 
@@ -550,27 +577,38 @@ fn boot(root: &Path) -> Result<Booted, BootError> {
             source: errno.into(),
         })?;
     let files = module_files(root, &release)?;
-    let plan = ModulePlan::new(&files);
+    let mut plan = ModulePlan::new(&files);
+    // The network comes up on its own thread while this one loads the
+    // transport, finds the control port and talks to the host. It starts
+    // first: what needs no transport (the failover modules, IPv6 off, `lo`
+    // up) runs on the second vCPU while this one loads the transport; then
+    // it loads the NIC's driver and configures the NIC. With a root disk it
+    // starts only after the switch, which moves /sys and /proc and leaves
+    // the module files behind: its modules, and the disk's, load here first.
+    let (transport_loaded, transport_gate) = mpsc::sync_channel(1);
+    let network = match config.root_disk {
+        None => Some(start_network(
+            NetworkModules {
+                base: std::mem::take(&mut plan.network),
+                nic: std::mem::take(&mut plan.nic),
+            },
+            Some(transport_gate),
+            &proc_root,
+            &sysfs_root,
+            &config,
+        )),
+        Some(_) => None,
+    };
     let mut loaded = load_modules(&plan.transport)?;
-    // The network comes up on its own thread while this one finds the
-    // control port and talks to the host; the thread starts first, as the
-    // network is the longer of the two. With a root disk it starts only
-    // after the switch, which moves /sys and /proc and leaves the module
-    // files behind: its modules, and the disk's, load here first.
-    let (network, disk_modules) = match config.root_disk {
-        None => (
-            Some(start_network(
-                plan.network,
-                &proc_root,
-                &sysfs_root,
-                &config,
-            )),
-            plan.disk,
-        ),
+    // No receiver (a root disk): nothing waits for it.
+    let _ = transport_loaded.send(());
+    let disk_modules = match config.root_disk {
+        None => plan.disk,
         Some(_) => {
             loaded += load_modules(&plan.network)?;
+            loaded += load_modules(&plan.nic)?;
             loaded += load_modules(&plan.disk)?;
-            (None, Vec::new())
+            Vec::new()
         }
     };
     loaded += load_modules(&plan.rest)?;
@@ -587,8 +625,15 @@ fn boot(root: &Path) -> Result<Booted, BootError> {
     } else {
         format!("{} credential", exe.display())
     };
-    let network =
-        network.unwrap_or_else(|| start_network(Vec::new(), &proc_root, &sysfs_root, &config));
+    let network = network.unwrap_or_else(|| {
+        start_network(
+            NetworkModules::default(),
+            None,
+            &proc_root,
+            &sysfs_root,
+            &config,
+        )
+    });
     let port = open_control_port(
         &sysfs_root,
         &root.join("dev"),
@@ -604,12 +649,24 @@ fn boot(root: &Path) -> Result<Booted, BootError> {
     })
 }
 
-/// Starts the network on its own thread: loads `modules` (the NIC's
-/// driver), turns IPv6 off and configures IPv4 from `config`. Its console
-/// line says when it is done; a failure is the reason the agent's command
-/// cannot start.
+/// The modules the network's thread loads.
+#[derive(Debug, Default)]
+struct NetworkModules {
+    /// Loaded at once: they need no transport.
+    base: Vec<PathBuf>,
+    /// Loaded once the transport is in.
+    nic: Vec<PathBuf>,
+}
+
+/// Brings the network up on a thread of its own: `modules.base`, IPv6 off
+/// (before the NIC exists, so it inherits the default), `lo` up, then, once
+/// `transport` says the transport is loaded (at once if `None`),
+/// `modules.nic` and the NIC's address and route. Its console line says
+/// when it is done; a failure is the reason the agent's command cannot
+/// start.
 fn start_network(
-    modules: Vec<PathBuf>,
+    modules: NetworkModules,
+    transport: Option<Receiver<()>>,
     proc_root: &Path,
     sysfs_root: &Path,
     config: &GuestConfig,
@@ -618,9 +675,16 @@ fn start_network(
         (proc_root.to_owned(), sysfs_root.to_owned(), config.clone());
     Pending::spawn("network", move || {
         let up = || -> Result<String, BootError> {
-            load_modules(&modules)?;
+            load_modules(&modules.base)?;
             disable_ipv6(&proc_root)?;
-            configure_network(&sysfs_root, &config)
+            let sock = loopback_up()?;
+            if let Some(gate) = transport {
+                // The sender is dropped without sending when the transport
+                // failed to load; boot fails then and nobody waits for this.
+                gate.recv().map_err(|_| BootError::NoTransport)?;
+            }
+            load_modules(&modules.nic)?;
+            configure_nic(&sock, &sysfs_root, &config)
         };
         match up() {
             Ok(nic) => {
@@ -730,7 +794,8 @@ mod tests {
             ModulePlan::new(&files),
             ModulePlan {
                 transport: under_kernel(&["virtio/virtio.ko", "virtio/virtio_pci.ko.xz"]),
-                network: under_kernel(&["net/core/failover.ko", "net/virtio_net.ko.zst"]),
+                network: under_kernel(&["net/core/failover.ko"]),
+                nic: under_kernel(&["net/virtio_net.ko.zst"]),
                 disk: under_kernel(&["block/virtio_blk.ko"]),
                 rest: under_kernel(&["char/virtio_console.ko", "fs/ext4.ko"]),
             }
