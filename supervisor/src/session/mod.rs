@@ -204,12 +204,15 @@ struct Held {
 }
 
 fn record(vault: &Vault, session: &str, state: &str, detail: String) {
-    let r = AuditRecord::new(vault.now(), AuditKind::SessionTransition, Outcome::Ok)
-        .session(session)
-        .detail(format!("{state}: {detail}"));
-    if let Err(e) = vault.audit_append(r) {
+    if let Err(e) = vault.audit_append(transition_record(vault, session, state, detail)) {
         tracing::warn!("could not record the session's {state} transition: {e}");
     }
+}
+
+fn transition_record(vault: &Vault, session: &str, state: &str, detail: String) -> AuditRecord {
+    AuditRecord::new(vault.now(), AuditKind::SessionTransition, Outcome::Ok)
+        .session(session)
+        .detail(format!("{state}: {detail}"))
 }
 
 impl Held {
@@ -219,6 +222,21 @@ impl Held {
             record(vault, id, state, detail);
         }
         self.save(|r| r.state = state.to_owned());
+    }
+
+    /// The audit half of [`transition`](Self::transition), queued without
+    /// waiting for its commit (an fsync: a few milliseconds, hundreds while
+    /// the disk is busy writing back), for a step that must not wait for
+    /// it. Records commit in order, so every record made after this one,
+    /// waited for or not, lands after it in the log. The caller saves the
+    /// state in the session's record when it can wait.
+    fn record_queued(&self, vault: &Vault, state: &str, detail: String) {
+        if let Some(id) = &self.session {
+            let state_name = state.to_owned();
+            vault.audit_append_queued(transition_record(vault, id, state, detail), move |e| {
+                tracing::warn!("could not record the session's {state_name} transition: {e}");
+            });
+        }
     }
 
     /// Revokes every lease of the running session, in the vault and in the
@@ -611,7 +629,11 @@ async fn drive(
     sealed?;
     let (mut from_guest, mut channel) = booted.hello.channel.into_split();
     held.progress.phase(progress::Phase::Provisioning);
-    held.transition(
+    // The guest waits for `Provision`, so neither record of the transition
+    // holds it up: the audit record is queued (the lease accesses that
+    // building it records are waited for, and commit after it), and the
+    // session's record (another fsync) is saved once it is sent.
+    held.record_queued(
         vault,
         "provisioning",
         format!(
@@ -656,6 +678,7 @@ async fn drive(
         None => None,
     };
     send(&mut channel, &HostMessage::Provision(Box::new(provision))).await?;
+    held.save(|r| r.state = "provisioning".to_owned());
 
     let (guest_tx, guest_rx) = mpsc::channel(64);
     let reader = tokio::spawn(async move {

@@ -1073,6 +1073,27 @@ impl Vault {
             .run(move |conn, _| audit::append(conn, &record).map_err(VaultError::AuditUnavailable))
     }
 
+    /// Queues a record from another component without waiting for it to
+    /// commit, for records nothing waits on: a session's state transitions.
+    /// Records still commit in the order they were queued, so any record
+    /// appended after this one (an access, which is waited for) commits
+    /// with it or after it. `failed` gets the error if it cannot be
+    /// written.
+    pub fn audit_append_queued(
+        &self,
+        record: AuditRecord,
+        failed: impl FnOnce(VaultError) + Send + 'static,
+    ) {
+        self.store.submit(
+            move |conn, _| audit::append(conn, &record).map_err(VaultError::AuditUnavailable),
+            |result| {
+                if let Err(e) = result {
+                    failed(e);
+                }
+            },
+        );
+    }
+
     // ---- key ----------------------------------------------------------
 
     /// Re-wraps the data key under a new key-encryption key, in the current

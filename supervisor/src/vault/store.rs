@@ -14,7 +14,7 @@
 
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::thread;
 use std::time::Duration;
 
@@ -176,7 +176,30 @@ impl Store {
         F: FnOnce(&Connection, &mut Vec<AuditRecord>) -> Result<T, VaultError> + Send + 'static,
     {
         let (reply, answer) = mpsc::sync_channel::<Result<T, VaultError>>(1);
-        let abort_reply = reply.clone();
+        self.submit(f, move |out| {
+            let _ = reply.send(out);
+        });
+        answer.recv().map_err(|_| VaultError::Closed)?
+    }
+
+    /// Queues `f` like [`run`](Self::run) without waiting for it: `done`
+    /// gets its result on the writer thread, once the enclosing transaction
+    /// committed (or failed). Jobs run and commit in the order they were
+    /// queued, so a job queued later, waited for or not, commits with this
+    /// one or after it. A closed store hands `done` [`VaultError::Closed`]
+    /// at once.
+    pub(crate) fn submit<T, F, D>(&self, f: F, done: D)
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, &mut Vec<AuditRecord>) -> Result<T, VaultError> + Send + 'static,
+        D: FnOnce(Result<T, VaultError>) + Send + 'static,
+    {
+        // Either the job completes or it is aborted, never both: the one
+        // that runs takes `done`.
+        let done = Arc::new(Mutex::new(Some(done)));
+        let abort_done = Arc::clone(&done);
+        let take =
+            |slot: &Mutex<Option<D>>| slot.lock().unwrap_or_else(PoisonError::into_inner).take();
         let job = Job {
             run: Box::new(move |conn, pending| {
                 let result = f(conn, pending);
@@ -189,20 +212,25 @@ impl Store {
                         (Ok(_), Err(e)) => Err(e),
                         (Err(e), _) => Err(e),
                     };
-                    let _ = reply.send(out);
+                    if let Some(done) = take(&done) {
+                        done(out);
+                    }
                 });
                 (keep, complete)
             }),
             abort: Box::new(move |e| {
-                let _ = abort_reply.send(Err(e));
+                if let Some(done) = take(&abort_done) {
+                    done(Err(e));
+                }
             }),
         };
-        self.jobs
-            .as_ref()
-            .ok_or(VaultError::Closed)?
-            .send(job)
-            .map_err(|_| VaultError::Closed)?;
-        answer.recv().map_err(|_| VaultError::Closed)?
+        let unsent = match &self.jobs {
+            Some(jobs) => jobs.send(job).err().map(|mpsc::SendError(job)| job),
+            None => Some(job),
+        };
+        if let Some(job) = unsent {
+            (job.abort)(VaultError::Closed);
+        }
     }
 }
 

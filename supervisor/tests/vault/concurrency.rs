@@ -41,3 +41,40 @@ fn concurrent_grants_and_accesses_all_land() {
     // vault_created, secret, grant, then a grant and an access per lease.
     assert_eq!(report.records, 3 + 2 * 320);
 }
+
+/// A session's transitions are queued without waiting for their commit.
+/// They still land in the order they were queued, all of them before any
+/// record appended (and waited for) after them.
+#[test]
+fn queued_records_land_in_order_before_later_ones() {
+    use zerolease::vault::{AuditKind, AuditRecord, Outcome};
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START);
+    let v = open(dir.path(), &clock);
+    let transition = |detail: String| {
+        AuditRecord::new(v.now(), AuditKind::SessionTransition, Outcome::Ok)
+            .session("s1")
+            .detail(detail)
+    };
+    let (failed_tx, failed) = std::sync::mpsc::channel();
+    for i in 0..100 {
+        let failed_tx = failed_tx.clone();
+        v.audit_append_queued(transition(format!("queued {i}")), move |e| {
+            let _ = failed_tx.send(e.to_string());
+        });
+    }
+    v.audit_append(transition("waited".into())).unwrap();
+    let details: Vec<String> = v
+        .audit_list(Default::default())
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.record.session.as_deref() == Some("s1"))
+        .map(|r| r.record.detail)
+        .collect();
+    let mut expected: Vec<String> = (0..100).map(|i| format!("queued {i}")).collect();
+    expected.push("waited".into());
+    assert_eq!(details, expected);
+    drop(failed_tx);
+    assert_eq!(failed.try_iter().collect::<Vec<_>>(), Vec::<String>::new());
+    assert!(v.audit_verify().unwrap().is_intact());
+}

@@ -92,3 +92,35 @@ fn admin_changes_fail_closed_too() {
     assert!(matches!(err, VaultError::AuditUnavailable(_)), "{err}");
     assert!(v.list_secrets().unwrap().is_empty());
 }
+
+/// A record queued without waiting that cannot be written is not lost
+/// silently: its failure reaches the caller's callback.
+#[test]
+fn a_queued_record_that_cannot_be_written_reports_it() {
+    use zerolease::vault::{AuditKind, AuditRecord, Outcome};
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START);
+    let v = open(dir.path(), &clock);
+    raw_db(dir.path()).execute_batch(BREAK_AUDIT).unwrap();
+    let (failed_tx, failed) = std::sync::mpsc::channel();
+    v.audit_append_queued(
+        AuditRecord::new(v.now(), AuditKind::SessionTransition, Outcome::Ok)
+            .session("s1")
+            .detail("provisioning: queued"),
+        move |e| {
+            let _ = failed_tx.send(e);
+        },
+    );
+    let err = failed
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the failure is reported");
+    assert!(matches!(err, VaultError::AuditUnavailable(_)), "{err}");
+    raw_db(dir.path())
+        .execute_batch("DROP TRIGGER break_audit")
+        .unwrap();
+    let records = v.audit_list(Default::default()).unwrap();
+    assert!(
+        records.iter().all(|r| r.record.session.is_none()),
+        "nothing of s1 was written"
+    );
+}
