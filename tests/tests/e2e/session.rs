@@ -30,15 +30,17 @@ use crate::world::{UPSTREAM, sa};
 pub(crate) const CANARY: &str = "zl-canary-token-5d41402abc4b2a76b9719d911017c592";
 pub(crate) const API: &str = "api.session.test";
 
-/// The agent's script: the leased call, then three things that must fail
-/// and the guest's IPv6 addresses (none), each printing its outcome, then
-/// an exit code of its own.
+/// The agent's script: the leased call, then three things that must fail,
+/// the guest's IPv6 addresses (none) and whether the kernel's modprobe
+/// helper exists (it must not), each printing its outcome, then an exit
+/// code of its own.
 const SCRIPT: &str = r#"
 curl -sS -H "Authorization: Bearer $API_TOKEN" https://api.session.test/auth
 echo "unleased=$(curl -s -o /dev/null -w '%{http_connect}' --max-time 5 https://other.session.test/hello; echo rc$?)"
 echo "direct=$(curl -s -o /dev/null --noproxy '*' --max-time 5 -k https://198.18.0.2/hello; echo rc$?)"
 echo "udp=$(echo x | nc -u -w 2 198.18.0.2 53 >/dev/null 2>&1; nslookup -timeout=2 example.com 198.18.0.2 >/dev/null 2>&1; echo rc$?)"
 echo "ipv6=$(cat /proc/net/if_inet6 2>/dev/null | wc -l)"
+echo "modprobe=$(test -e "$(cat /proc/sys/kernel/modprobe)" && echo present || echo absent)"
 echo "file=$(stat -c '%a %U' .config/api/token.conf) $(sha256sum .config/api/token.conf | cut -d' ' -f1)"
 echo "pwned=$(ls /tmp/pwned /tmp/pwned2 2>/dev/null | wc -l)"
 git clone -q https://api.session.test/git/repo.git r && cd r && git -c user.name=vm -c user.email=vm@example.invalid commit -q --allow-empty -m from-vm && git push -q origin HEAD && echo git=push-ok
@@ -333,6 +335,10 @@ fn a_session_runs_the_agent_with_its_lease_and_leaves_nothing() {
     // IPv6 is off in the guest: no address at all, not even `::1` (the
     // jail drops it too, which the namespace tests show).
     assert!(out.contains("ipv6=0\n"), "{out}");
+    // The image has no modprobe: the kernel runs that helper, and waits for
+    // it, for every module it asks for (four while it boots, about 140 ms
+    // under TCG), and the image has none of those modules to give.
+    assert!(out.contains("modprobe=absent\n"), "{out}");
     // The templated file is byte-exact, 0600, the agent's; nothing in it ran.
     let digest = {
         use sha2::Digest;
