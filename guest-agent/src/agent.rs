@@ -76,7 +76,8 @@ pub struct AgentConfig {
     /// The disk's driver (`virtio_blk`), loaded only when the session has a
     /// workspace, whose disks it drives: loading it cost an emulated guest
     /// about 10 ms, and finding out whether the VM had a disk as much
-    /// again, on every boot. Empty once loaded, or when boot loaded it.
+    /// again, on every boot. Empty when boot loaded it (a root disk);
+    /// loading it twice is harmless (`EEXIST` counts as loaded).
     pub disk_modules: Vec<PathBuf>,
 }
 
